@@ -1,0 +1,16 @@
+//! Build script: compiles the .proto files (pure Rust: protox, no system protoc) and
+//! the sample UDFs under `udfs/` (C with the system C compiler, Rust with rustc).
+
+#[path = "samples.rs"]
+mod samples;
+
+fn main() {
+    println!("cargo:rerun-if-changed=proto");
+    let files = ["proto/control.proto", "proto/sample.proto"];
+    let fds = protox::compile(files, ["proto"]).expect("compile proto/*.proto with protox");
+    prost_build::Config::new()
+        .compile_fds(fds)
+        .expect("generate Rust code for proto/*.proto");
+
+    samples::build();
+}

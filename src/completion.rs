@@ -1,0 +1,139 @@
+//! Completion of one execution, exactly once, to whichever form the caller chose:
+//! a runtime-agnostic future (also usable blocking through [`Execution::wait`]) or a
+//! callback run on the engine thread.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_channel::oneshot;
+
+use crate::{Error, ExecutionToken, Result};
+
+/// Captured stdout/stderr of one execution.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Logs {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Per-execution timings measured by the engine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Metrics {
+    /// From `execute` to a worker taking the request.
+    pub wait_for_worker: Duration,
+    /// Writing the request frame to the worker.
+    pub send: Duration,
+    /// From the request written to the complete response read.
+    pub response: Duration,
+    /// Ready workers of this code token left on the engine thread that took the
+    /// request, right after it took one.
+    pub idle_workers_left: usize,
+}
+
+/// A completed execution.
+#[derive(Debug)]
+pub struct Response<R> {
+    pub response: R,
+    /// The UDF's stdout/stderr, or `FailedPrecondition` when the code token was not
+    /// loaded for logging.
+    pub logs: Result<Logs>,
+    pub metrics: Metrics,
+}
+
+/// What the engine thread produces: the response body (no length prefix).
+pub(crate) struct RawOutcome {
+    pub body: Vec<u8>,
+    pub logs: Option<Logs>,
+    pub metrics: Metrics,
+}
+
+pub(crate) type RawResult = Result<RawOutcome>;
+
+/// Where a result goes.
+pub(crate) enum Sink {
+    Channel(oneshot::Sender<RawResult>),
+    Callback(Box<dyn FnOnce(RawResult) + Send>),
+}
+
+impl Sink {
+    pub(crate) fn complete(self, result: RawResult) {
+        match self {
+            // The receiver may have been dropped: the caller stopped waiting.
+            Sink::Channel(tx) => drop(tx.send(result)),
+            Sink::Callback(f) => {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))).is_err() {
+                    tracing::error!("an execute callback panicked; the engine keeps running");
+                }
+            }
+        }
+    }
+}
+
+pub(crate) type Decoder<R> = fn(Vec<u8>) -> Result<R>;
+
+pub(crate) fn finish<R>(raw: RawResult, decode: Decoder<R>) -> Result<Response<R>> {
+    let raw = raw?;
+    let response = decode(raw.body)?;
+    let logs = raw.logs.ok_or_else(|| {
+        Error::FailedPrecondition(
+            "logs are not captured for this code token: load it with log_egress or use load_for_logging".into(),
+        )
+    });
+    Ok(Response { response, logs, metrics: raw.metrics })
+}
+
+pub(crate) fn decode_message<R: prost::Message + Default>(body: Vec<u8>) -> Result<R> {
+    R::decode(body.as_slice()).map_err(|e| {
+        Error::Unavailable(format!(
+            "the UDF's response does not decode as {}: {e}",
+            std::any::type_name::<R>()
+        ))
+    })
+}
+
+pub(crate) fn decode_raw(body: Vec<u8>) -> Result<Vec<u8>> {
+    Ok(body)
+}
+
+/// A pending execution: a future of its [`Response`], runtime-agnostic.
+#[must_use = "an execution's result is only observed through its future"]
+pub struct Execution<R> {
+    token: ExecutionToken,
+    rx: oneshot::Receiver<RawResult>,
+    decode: Decoder<R>,
+    _marker: PhantomData<fn() -> R>,
+}
+
+impl<R> Execution<R> {
+    pub(crate) fn new(token: ExecutionToken, rx: oneshot::Receiver<RawResult>, decode: Decoder<R>) -> Self {
+        Execution { token, rx, decode, _marker: PhantomData }
+    }
+
+    /// The token to pass to [`crate::Engine::cancel`].
+    pub fn token(&self) -> &ExecutionToken {
+        &self.token
+    }
+
+    /// Blocks the calling thread until the execution completes.
+    pub fn wait(self) -> Result<Response<R>> {
+        futures_executor::block_on(self)
+    }
+}
+
+impl<R> Future for Execution<R> {
+    type Output = Result<Response<R>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let decode = self.decode;
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(raw)) => Poll::Ready(finish(raw, decode)),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::Internal(
+                "the engine dropped the execution without completing it".into(),
+            ))),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Engine, load and execute configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the runner and its workers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Runner inside gVisor (`runsc`), workers additionally in their own namespaces.
+    Gvisor,
+    /// As `Gvisor`, with `runsc --debug --strace` logs kept.
+    GvisorDebug,
+    /// Runner directly on the host in fresh user/mount/net/IPC/UTS namespaces over a
+    /// read-only root; workers in their own user/PID/IPC/UTS namespaces. No gVisor.
+    Minimal,
+}
+
+impl Mode {
+    /// Name used on the command line and in reports.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Gvisor => "gvisor",
+            Mode::GvisorDebug => "gvisor-debug",
+            Mode::Minimal => "minimal",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Mode> {
+        match s {
+            "gvisor" => Ok(Mode::Gvisor),
+            "gvisor-debug" => Ok(Mode::GvisorDebug),
+            "minimal" => Ok(Mode::Minimal),
+            other => Err(crate::Error::InvalidArgument(format!(
+                "unknown mode {other:?}: use gvisor, gvisor-debug or minimal"
+            ))),
+        }
+    }
+}
+
+/// Syscall filtering level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SyscallFilter {
+    /// No seccomp filter at all (namespaces, no capabilities and the read-only root
+    /// still apply).
+    No,
+    /// The runner and everything it starts get a denylist of syscalls a supervisor
+    /// never needs (mount, unshare, ptrace, bpf, io_uring, kexec, ...). The UDF is
+    /// otherwise unfiltered.
+    WorkerEngine,
+    /// `WorkerEngine`, plus a default-deny allowlist on every worker: plain
+    /// computation, memory, time and I/O on the fds it was given; no sockets, no
+    /// fork, no IPC, no kill. Denied syscalls fail with EPERM.
+    #[default]
+    Untrusted,
+}
+
+impl SyscallFilter {
+    /// Name used on the command line and in the runner's arguments.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SyscallFilter::No => "no",
+            SyscallFilter::WorkerEngine => "worker-engine",
+            SyscallFilter::Untrusted => "untrusted",
+        }
+    }
+}
+
+impl std::str::FromStr for SyscallFilter {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<SyscallFilter> {
+        match s {
+            "no" => Ok(SyscallFilter::No),
+            "worker-engine" => Ok(SyscallFilter::WorkerEngine),
+            "untrusted" => Ok(SyscallFilter::Untrusted),
+            other => Err(crate::Error::InvalidArgument(format!(
+                "unknown syscall filter {other:?}: use no, worker-engine or untrusted"
+            ))),
+        }
+    }
+}
+
+/// Address-space limit applied to every worker (RLIMIT_AS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLimit {
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+}
+
+/// Engine configuration. `Config::default()` is the recommended production setup
+/// for `minimal` mode.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    /// CPU cores to pin the io_uring engine threads to, one thread per core. Empty:
+    /// one thread per core this process may run on.
+    pub cores: Vec<usize>,
+    pub syscall_filter: SyscallFilter,
+    /// Host paths bind-mounted read-only into the worker root (for dynamically
+    /// linked UDFs). Symlinks are followed; missing paths are skipped with a warning.
+    pub lib_mounts: Vec<PathBuf>,
+    pub memory_limit: Option<MemoryLimit>,
+    /// Path of the `roma-byob-runner` binary. `None`: `$ROMA_BYOB_RUNNER`, then next
+    /// to the current executable (and its parent directory).
+    pub runner_path: Option<PathBuf>,
+    /// Largest response frame accepted from a UDF; larger ones fail the execution.
+    pub max_response_bytes: usize,
+    /// Largest stdout (and stderr) kept per execution of a logging code token;
+    /// writes beyond it fail with EFBIG inside the UDF.
+    pub max_log_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            mode: Mode::Minimal,
+            cores: Vec::new(),
+            syscall_filter: SyscallFilter::Untrusted,
+            lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
+            memory_limit: None,
+            runner_path: None,
+            max_response_bytes: 64 << 20,
+            max_log_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Options of [`crate::Engine::load`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Pre-started workers kept ready (must be at least 1).
+    pub workers: usize,
+    /// Capture each execution's stdout/stderr and return them with the response.
+    pub log_egress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions { workers: 1, log_egress: false }
+    }
+}
+
+/// Options of [`crate::Engine::execute`].
+#[derive(Clone, Debug)]
+pub struct ExecuteOptions {
+    /// How long the execution may wait for a ready worker before failing with
+    /// `DeadlineExceeded("no workers available ...")`.
+    pub worker_wait_timeout: Duration,
+    /// Deadline for the whole execution once a worker took it; on expiry the worker
+    /// is killed and the execution fails with `DeadlineExceeded`.
+    pub timeout: Duration,
+}
+
+impl Default for ExecuteOptions {
+    fn default() -> ExecuteOptions {
+        ExecuteOptions {
+            worker_wait_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}

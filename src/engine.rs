@@ -1,0 +1,357 @@
+//! The public engine: loads binaries, routes executions to the shard that has a
+//! ready worker, cancels, deletes and shuts down.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use futures_channel::oneshot;
+
+use crate::completion::{self, Execution, RawResult, Response, Sink};
+use crate::ring::{self, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, TokenEntry};
+use crate::sandbox::launch;
+use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOptions, Mode, Result};
+
+/// The engine. Cheap to share behind an `Arc`; every method takes `&self` and may
+/// be called from any thread. Dropping it (or [`Engine::shutdown`]) completes every
+/// pending execution with an error and stops the sandbox.
+pub struct Engine {
+    config: Config,
+    shards: Vec<ShardHandle>,
+    tokens: RwLock<HashMap<u64, Arc<TokenEntry>>>,
+    next_code: AtomicU64,
+    next_exec: AtomicU64,
+    rr: AtomicUsize,
+    runner: Mutex<Option<std::process::Child>>,
+    warnings: Vec<String>,
+}
+
+impl Engine {
+    /// Starts the sandbox (the runner) and one io_uring thread per configured core.
+    pub fn new(config: Config) -> Result<Engine> {
+        let cores = if config.cores.is_empty() { ring::allowed_cores() } else { config.cores.clone() };
+        if cores.is_empty() {
+            return Err(Error::InvalidArgument("Config::cores lists no core".into()));
+        }
+        let online = ring::allowed_cores();
+        if let Some(bad) = cores.iter().find(|c| !online.contains(c)) {
+            return Err(Error::InvalidArgument(format!(
+                "core {bad} is not available to this process (allowed: {online:?})"
+            )));
+        }
+        let runner_path = launch::find_runner(&config)?;
+        let launched = launch::launch(&config, &runner_path, cores.len())?;
+        for w in &launched.warnings {
+            tracing::warn!(mode = config.mode.as_str(), "isolation step not applied: {w}");
+        }
+        tracing::info!(
+            mode = config.mode.as_str(),
+            filter = config.syscall_filter.as_str(),
+            cores = ?cores,
+            "roma-byob engine started"
+        );
+        let mut shards = Vec::with_capacity(cores.len());
+        for (index, (core, ctl)) in cores.iter().zip(launched.controls).enumerate() {
+            let shard_config =
+                ShardConfig { index, core: Some(*core), max_response_bytes: config.max_response_bytes };
+            match ShardHandle::start(shard_config, ctl) {
+                Ok(s) => shards.push(s),
+                Err(e) => {
+                    for s in &mut shards {
+                        s.shutdown_and_join();
+                    }
+                    let mut child = launched.child;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Engine {
+            config,
+            shards,
+            tokens: RwLock::new(HashMap::new()),
+            next_code: AtomicU64::new(1),
+            next_exec: AtomicU64::new(1),
+            rr: AtomicUsize::new(0),
+            runner: Mutex::new(Some(launched.child)),
+            warnings: launched.warnings,
+        })
+    }
+
+    /// The sandbox mode this engine runs in.
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    /// The configuration the engine was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Isolation steps the sandbox reported it could not apply (also logged).
+    pub fn isolation_warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Loads the binary at `path` and starts `options.workers` workers for it.
+    pub fn load(&self, path: impl AsRef<Path>, options: LoadOptions) -> Result<CodeToken> {
+        let path = path.as_ref();
+        check_workers(options.workers)?;
+        let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(format!("binary {} does not exist", path.display())),
+            std::io::ErrorKind::PermissionDenied => {
+                Error::FailedPrecondition(format!("binary {} is not readable: {e}", path.display()))
+            }
+            _ => Error::io(&format!("open {}", path.display()), e),
+        })?;
+        let meta = file.metadata().map_err(|e| Error::io("stat binary", e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidArgument(format!("{} is not a regular file", path.display())));
+        }
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not executable (mode {:o}); chmod +x it",
+                path.display(),
+                meta.permissions().mode() & 0o7777
+            )));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes).map_err(|e| Error::io("read binary", e))?;
+        self.load_bytes(&bytes, &path.display().to_string(), options)
+    }
+
+    /// Loads a binary given as bytes (an ELF executable).
+    pub fn load_blob(&self, binary: &[u8], options: LoadOptions) -> Result<CodeToken> {
+        check_workers(options.workers)?;
+        self.load_bytes(binary, "blob", options)
+    }
+
+    /// A new code token for the same binary as `token`, with `workers` workers whose
+    /// stdout/stderr are captured. It stays valid after `token` is deleted.
+    pub fn load_for_logging(&self, token: &CodeToken, workers: usize) -> Result<CodeToken> {
+        check_workers(workers)?;
+        let binary = self.token(token)?.binary.clone();
+        Ok(self.register(binary, true, workers))
+    }
+
+    /// Deletes a code token: its workers are killed and every pending execution of it
+    /// fails with `Cancelled`.
+    pub fn delete(&self, token: &CodeToken) -> Result<()> {
+        let removed = self.tokens.write().map_err(|_| poisoned())?.remove(&token.0);
+        let entry = removed.ok_or_else(|| Error::NotFound(format!("code token {token} is not loaded")))?;
+        for (i, s) in self.shards.iter().enumerate() {
+            if entry.per_shard[i].slots > 0 {
+                s.shared.push(Cmd::Delete(token.0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes `request` on a fresh worker of `token`; the returned future yields the
+    /// decoded response (or an error), exactly once.
+    pub fn execute<Req, Resp>(&self, token: &CodeToken, request: &Req, options: ExecuteOptions) -> Result<Execution<Resp>>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let frame = request.encode_length_delimited_to_vec();
+        let (tx, rx) = oneshot::channel();
+        let id = self.submit(token, frame, &options, Sink::Channel(tx))?;
+        Ok(Execution::new(id, rx, completion::decode_message::<Resp>))
+    }
+
+    /// As [`Engine::execute`], for a request already serialised (raw protobuf bytes,
+    /// no length prefix); the response comes back as raw bytes.
+    pub fn execute_raw(&self, token: &CodeToken, request: &[u8], options: ExecuteOptions) -> Result<Execution<Vec<u8>>> {
+        let mut frame = Vec::with_capacity(request.len() + 10);
+        prost::encoding::encode_varint(request.len() as u64, &mut frame);
+        frame.extend_from_slice(request);
+        let (tx, rx) = oneshot::channel();
+        let id = self.submit(token, frame, &options, Sink::Channel(tx))?;
+        Ok(Execution::new(id, rx, completion::decode_raw))
+    }
+
+    /// Callback form of [`Engine::execute`]: `callback` runs exactly once, on an
+    /// engine thread, with the result. Keep it short and non-blocking.
+    pub fn execute_with_callback<Req, Resp, F>(
+        &self,
+        token: &CodeToken,
+        request: &Req,
+        options: ExecuteOptions,
+        callback: F,
+    ) -> Result<ExecutionToken>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+        F: FnOnce(Result<Response<Resp>>) + Send + 'static,
+    {
+        let frame = request.encode_length_delimited_to_vec();
+        let sink = Sink::Callback(Box::new(move |raw: RawResult| {
+            callback(completion::finish(raw, completion::decode_message::<Resp>))
+        }));
+        self.submit(token, frame, &options, sink)
+    }
+
+    /// Cancels an execution: its worker is killed and it completes with `Cancelled`.
+    /// Cancelling a finished execution does nothing.
+    pub fn cancel(&self, token: &ExecutionToken) -> Result<()> {
+        let shard = self
+            .shards
+            .get(token.shard as usize)
+            .ok_or_else(|| Error::NotFound(format!("execution token {token} does not belong to this engine")))?;
+        shard.shared.push(Cmd::Cancel(token.id));
+        Ok(())
+    }
+
+    /// Stops the engine: every pending execution completes with `Unavailable`, the
+    /// runner and all workers are killed and reaped. Also done on drop.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for s in &mut self.shards {
+            s.shutdown_and_join();
+        }
+        let child = match self.runner.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(mut child) = child {
+            // The runner exits on its own once every control connection is closed.
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn token(&self, token: &CodeToken) -> Result<Arc<TokenEntry>> {
+        self.tokens
+            .read()
+            .map_err(|_| poisoned())?
+            .get(&token.0)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("code token {token} is not loaded (never loaded, or deleted)")))
+    }
+
+    fn load_bytes(&self, bytes: &[u8], what: &str, options: LoadOptions) -> Result<CodeToken> {
+        if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is not an ELF executable (UDFs must be compiled binaries; scripts are not supported)"
+            )));
+        }
+        if self.shards.iter().any(|s| s.is_runner_dead()) {
+            return Err(Error::Unavailable("the sandbox runner is not running; create a new engine".into()));
+        }
+        let binary = Arc::new(sealed_memfd(bytes)?);
+        Ok(self.register(binary, options.log_egress, options.workers))
+    }
+
+    fn register(&self, binary: Arc<OwnedFd>, log: bool, workers: usize) -> CodeToken {
+        let id = self.next_code.fetch_add(1, Ordering::Relaxed);
+        let n = self.shards.len();
+        let start = (id as usize) % n;
+        let per_shard: Vec<ShardSlots> = (0..n)
+            .map(|i| {
+                let pos = (i + n - start) % n;
+                let slots = workers / n + usize::from(pos < workers % n);
+                ShardSlots { slots, idle: AtomicUsize::new(0) }
+            })
+            .collect();
+        let entry = Arc::new(TokenEntry { id, binary, log, per_shard });
+        match self.tokens.write() {
+            Ok(mut t) => t.insert(id, entry.clone()),
+            Err(p) => p.into_inner().insert(id, entry.clone()),
+        };
+        for (i, s) in self.shards.iter().enumerate() {
+            if entry.per_shard[i].slots > 0 {
+                s.shared.push(Cmd::Load(entry.clone()));
+            }
+        }
+        CodeToken(id)
+    }
+
+    fn submit(&self, token: &CodeToken, frame: Vec<u8>, options: &ExecuteOptions, sink: Sink) -> Result<ExecutionToken> {
+        let entry = self.token(token)?;
+        let n = self.shards.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut chosen = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if entry.per_shard[i].idle.load(Ordering::Relaxed) > 0 {
+                chosen = Some(i);
+                break;
+            }
+        }
+        let shard = chosen.unwrap_or_else(|| {
+            (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
+        });
+        let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
+        self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
+            id,
+            token: token.0,
+            frame,
+            worker_wait_timeout: options.worker_wait_timeout,
+            timeout: options.timeout,
+            sink,
+            submitted: Instant::now(),
+        }));
+        Ok(ExecutionToken { shard: shard as u32, id })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn check_workers(workers: usize) -> Result<()> {
+    if workers == 0 {
+        return Err(Error::InvalidArgument("workers must be at least 1".into()));
+    }
+    Ok(())
+}
+
+fn poisoned() -> Error {
+    Error::Internal("engine state lock poisoned by a panic".into())
+}
+
+/// Copies the binary into a sealed memfd: later changes to the file on disk cannot
+/// change what a code token runs.
+fn sealed_memfd(bytes: &[u8]) -> Result<OwnedFd> {
+    // SAFETY: valid NUL-terminated name; returns a fresh fd.
+    let fd = unsafe { libc::memfd_create(c"roma-byob-udf".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh fd owned by us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let file = std::fs::File::from(fd);
+    use std::io::Write;
+    (&file).write_all(bytes).map_err(|e| Error::io("write memfd", e))?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on our own fd.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::io("seal memfd", std::io::Error::last_os_error()));
+    }
+    // Reopen read-only and drop the writable fd: exec refuses files open for writing.
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let ro = std::fs::File::open(&path).map_err(|e| Error::io("reopen memfd read-only", e))?;
+    Ok(ro.into())
+}

@@ -1,0 +1,55 @@
+//! roma-byob: run untrusted, pre-compiled binaries ("UDFs", any language) for short
+//! request/response executions, each request on a fresh process, inside a sandbox,
+//! driven by a thread-per-core io_uring engine. Speaks the Roma BYOB UDF wire
+//! protocol, so binaries written for Roma run unchanged.
+//!
+//! ```no_run
+//! use roma_byob::{Config, Engine, ExecuteOptions, LoadOptions};
+//! use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+//!
+//! let engine = Engine::new(Config::default())?;
+//! let token = engine.load(roma_byob::samples::path("hello_world"), LoadOptions { workers: 4, ..Default::default() })?;
+//! let done = engine.execute::<_, SampleResponse>(&token, &SampleRequest::default(), ExecuteOptions::default())?.wait()?;
+//! assert_eq!(done.response.greeting, "Hello, world!");
+//! # Ok::<(), roma_byob::Error>(())
+//! ```
+
+mod completion;
+mod config;
+mod engine;
+mod error;
+pub mod ipc;
+pub mod ring;
+pub mod sandbox;
+mod token;
+pub mod udf_runner;
+
+pub use completion::{Execution, Logs, Metrics, Response};
+pub use config::{Config, ExecuteOptions, LoadOptions, MemoryLimit, Mode, SyscallFilter};
+pub use engine::Engine;
+pub use error::{Code, Error, Result};
+pub use token::{CodeToken, ExecutionToken};
+
+/// Generated types of the sample UDFs' API (proto/sample.proto).
+pub mod proto {
+    /// `roma_byob.sample`: requests and responses of the sample UDFs.
+    pub mod sample {
+        include!(concat!(env!("OUT_DIR"), "/roma_byob.sample.rs"));
+    }
+}
+
+/// The sample UDFs built with the crate (udfs/): hello world, prime sieve, logging,
+/// payloads, failure cases and sandbox probes.
+pub mod samples {
+    use std::path::PathBuf;
+
+    /// Directory holding the compiled sample UDFs.
+    pub fn dir() -> PathBuf {
+        PathBuf::from(option_env!("ROMA_BYOB_SAMPLE_UDFS").unwrap_or("udfs-not-built"))
+    }
+
+    /// Path of one compiled sample UDF, e.g. `path("hello_world")`.
+    pub fn path(name: &str) -> PathBuf {
+        dir().join(name)
+    }
+}

@@ -1,0 +1,165 @@
+//! Thread-per-core io_uring engine. Each shard is one thread pinned to one core,
+//! owning one ring, one control connection to the runner and the worker channels it
+//! spawned. Other threads talk to a shard only through its command queue and its
+//! eventfd; nothing on a shard blocks.
+
+mod ctl;
+mod reactor;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::completion::Sink;
+use crate::{Error, Result};
+
+/// Per code token, per shard: slots and ready workers (read by the router).
+#[derive(Debug, Default)]
+pub(crate) struct ShardSlots {
+    pub slots: usize,
+    pub idle: AtomicUsize,
+}
+
+/// A loaded binary as every shard sees it.
+pub(crate) struct TokenEntry {
+    pub id: u64,
+    pub binary: Arc<OwnedFd>,
+    pub log: bool,
+    pub per_shard: Vec<ShardSlots>,
+}
+
+pub(crate) enum Cmd {
+    Load(Arc<TokenEntry>),
+    Execute(ExecRequest),
+    Cancel(u64),
+    Delete(u64),
+    Shutdown,
+}
+
+pub(crate) struct ExecRequest {
+    pub id: u64,
+    pub token: u64,
+    pub frame: Vec<u8>,
+    pub worker_wait_timeout: Duration,
+    pub timeout: Duration,
+    pub sink: Sink,
+    pub submitted: Instant,
+}
+
+/// Engine-wide limits a shard needs.
+#[derive(Clone, Debug)]
+pub(crate) struct ShardConfig {
+    pub index: usize,
+    pub core: Option<usize>,
+    pub max_response_bytes: usize,
+}
+
+pub(crate) struct ShardShared {
+    queue: Mutex<Vec<Cmd>>,
+    eventfd: OwnedFd,
+    /// Set by the shard once its runner connection is gone.
+    pub runner_dead: AtomicBool,
+}
+
+/// The handle other threads use to reach one shard.
+pub(crate) struct ShardHandle {
+    pub shared: Arc<ShardShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ShardShared {
+    pub(crate) fn push(&self, cmd: Cmd) {
+        match self.queue.lock() {
+            Ok(mut q) => q.push(cmd),
+            Err(poisoned) => poisoned.into_inner().push(cmd),
+        }
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn drain(&self, into: &mut Vec<Cmd>) {
+        match self.queue.lock() {
+            Ok(mut q) => std::mem::swap(&mut *q, into),
+            Err(poisoned) => std::mem::swap(&mut *poisoned.into_inner(), into),
+        }
+    }
+}
+
+impl ShardHandle {
+    /// Starts the shard thread; `ctl` is the host end of its runner connection.
+    pub(crate) fn start(config: ShardConfig, ctl: OwnedFd) -> Result<ShardHandle> {
+        // SAFETY: plain eventfd creation.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fd owned by us.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let shared = Arc::new(ShardShared {
+            queue: Mutex::new(Vec::new()),
+            eventfd,
+            runner_dead: AtomicBool::new(false),
+        });
+        let ring = io_uring::IoUring::new(1024).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cannot create an io_uring ({e}); check kernel.io_uring_disabled and RLIMIT_MEMLOCK"
+            ))
+        })?;
+        let thread_shared = shared.clone();
+        let name = format!("roma-ring-{}", config.index);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                if let Some(core) = config.core {
+                    pin_to_core(core);
+                }
+                reactor::Reactor::new(ring, config, thread_shared, ctl).run();
+            })
+            .map_err(|e| Error::io("spawn engine thread", e))?;
+        Ok(ShardHandle { shared, thread: Some(thread) })
+    }
+
+    pub(crate) fn shutdown_and_join(&mut self) {
+        self.shared.push(Cmd::Shutdown);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("an engine thread panicked");
+            }
+        }
+    }
+
+    pub(crate) fn is_runner_dead(&self) -> bool {
+        self.shared.runner_dead.load(Ordering::Acquire)
+    }
+}
+
+fn pin_to_core(core: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity
+    // reads it for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(core, error = %std::io::Error::last_os_error(), "cannot pin engine thread");
+        }
+    }
+}
+
+/// Cores this process may run on, in order.
+pub(crate) fn allowed_cores() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// The cores the calling thread is pinned to (used by tests and diagnostics).
+pub fn current_thread_affinity() -> Vec<usize> {
+    allowed_cores()
+}

@@ -1,0 +1,998 @@
+//! One shard's event loop: a single io_uring drives the runner connection, every
+//! worker channel (ready byte, request write, response read) and the command
+//! eventfd. All state lives on this thread; every execution completes exactly once
+//! because its sink is `take`n on completion.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use prost::Message;
+
+use super::ctl::CtlOut;
+use super::{Cmd, ExecRequest, ShardConfig, ShardShared, TokenEntry};
+use crate::completion::{Logs, Metrics, RawOutcome, Sink};
+use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
+use crate::ipc::frame::{self, Header};
+use crate::ipc::fdpass;
+use crate::Error;
+
+const K_EVENTFD: u64 = 1;
+const K_CTL_RECV: u64 = 2;
+const K_CTL_SEND: u64 = 3;
+const K_W_RECV: u64 = 4;
+const K_W_SEND: u64 = 5;
+
+const RECV_CHUNK: usize = 4096;
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+fn ud(kind: u64, key: u32, gen: u32) -> u64 {
+    (kind << 56) | ((u64::from(gen) & 0xff_ffff) << 32) | u64::from(key)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WState {
+    /// Spawn requested; waiting for the ready byte.
+    Spawning,
+    /// Ready, in the idle pool; a response recv is already posted.
+    Idle,
+    /// Took an execution.
+    Busy,
+    /// Response complete or channel closed; waiting for the runner's exit report.
+    Finished,
+}
+
+struct WorkerConn {
+    worker_id: u64,
+    token: u64,
+    gen: u32,
+    fd: Option<OwnedFd>,
+    state: WState,
+    buf: Vec<u8>,
+    filled: usize,
+    /// Header parsed: body starts at `body_off`, `body_len` bytes.
+    body: Option<(usize, usize)>,
+    inflight: u32,
+    exec: Option<u64>,
+    exited: Option<i32>,
+    logs: Option<(OwnedFd, OwnedFd)>,
+    /// Why the channel failed, if it did, for the error message.
+    failure: Option<String>,
+}
+
+struct TokenState {
+    entry: Arc<TokenEntry>,
+    slots: usize,
+    /// Workers spawning or idle.
+    live: usize,
+    idle: VecDeque<u32>,
+    queue: VecDeque<u64>,
+    failures: u32,
+    respawn_at: Option<Instant>,
+}
+
+struct ExecState {
+    token: u64,
+    frame: Vec<u8>,
+    written: usize,
+    sink: Option<Sink>,
+    submitted: Instant,
+    worker_wait_deadline: Instant,
+    timeout: Duration,
+    dispatched: Option<Instant>,
+    sent: Option<Instant>,
+    worker: Option<u32>,
+    idle_left: usize,
+    /// Response body waiting for the worker's exit (logging tokens).
+    response: Option<(Vec<u8>, Instant)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    WorkerWait(u64),
+    Deadline(u64),
+    Respawn(u64),
+}
+
+pub(super) struct Reactor {
+    ring: IoUring,
+    config: ShardConfig,
+    shared: Arc<ShardShared>,
+    ctl: OwnedFd,
+    ctl_buf: Box<[u8]>,
+    ctl_decoder: frame::Decoder,
+    ctl_out: CtlOut,
+    runner_dead: bool,
+    event_buf: Box<u64>,
+    tokens: HashMap<u64, TokenState>,
+    workers: Vec<Option<WorkerConn>>,
+    free: Vec<u32>,
+    by_worker_id: HashMap<u64, u32>,
+    next_worker_id: u64,
+    next_gen: u32,
+    execs: HashMap<u64, ExecState>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    pending_sqes: Vec<squeue::Entry>,
+    /// SQEs submitted whose completion has not been reaped yet.
+    in_kernel: usize,
+    shutting_down: bool,
+}
+
+fn describe_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exited with status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // SAFETY: strsignal returns a pointer to a static or thread-local string.
+        let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) }.to_string_lossy().into_owned();
+        format!("killed by signal {sig} ({name})")
+    } else {
+        format!("ended with wait status {status:#x}")
+    }
+}
+
+impl Reactor {
+    pub(super) fn new(ring: IoUring, config: ShardConfig, shared: Arc<ShardShared>, ctl: OwnedFd) -> Reactor {
+        Reactor {
+            ring,
+            config,
+            shared,
+            ctl,
+            ctl_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
+            ctl_decoder: frame::Decoder::default(),
+            ctl_out: CtlOut::default(),
+            runner_dead: false,
+            event_buf: Box::new(0),
+            tokens: HashMap::new(),
+            workers: Vec::new(),
+            free: Vec::new(),
+            by_worker_id: HashMap::new(),
+            next_worker_id: 1,
+            next_gen: 1,
+            execs: HashMap::new(),
+            timers: BinaryHeap::new(),
+            pending_sqes: Vec::new(),
+            in_kernel: 0,
+            shutting_down: false,
+        }
+    }
+
+    fn push_sqe(&mut self, sqe: squeue::Entry) {
+        self.pending_sqes.push(sqe);
+    }
+
+    fn flush_sqes(&mut self) {
+        if self.runner_dead {
+            // Nothing more goes to a dead runner.
+        } else if let Some(sqe) = self.ctl_out.next_sqe(self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
+            self.pending_sqes.push(sqe);
+        }
+        let mut i = 0;
+        while i < self.pending_sqes.len() {
+            // SAFETY: every SQE points at buffers owned by this reactor (boxed control
+            // buffers, worker buffers, execution frames) that stay alive and unmoved
+            // until the matching completion is reaped.
+            let pushed = unsafe { self.ring.submission().push(&self.pending_sqes[i]) };
+            if pushed.is_err() {
+                if let Err(e) = self.ring.submit() {
+                    tracing::error!(error = %e, "io_uring submit failed");
+                }
+                continue;
+            }
+            self.in_kernel += 1;
+            i += 1;
+        }
+        self.pending_sqes.clear();
+    }
+
+    pub(super) fn run(mut self) {
+        self.post_eventfd_read();
+        self.post_ctl_recv();
+        let mut cmds = Vec::new();
+        loop {
+            self.shared.drain(&mut cmds);
+            for cmd in cmds.drain(..) {
+                self.handle_cmd(cmd);
+            }
+            if self.shutting_down {
+                break;
+            }
+            self.fire_timers();
+            self.flush_sqes();
+            let timeout = self.timers.peek().map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+            let res = match timeout {
+                Some(t) => {
+                    let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            if let Err(e) = res {
+                match e.raw_os_error() {
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => {}
+                    _ => {
+                        tracing::error!(error = %e, "io_uring_enter failed; engine thread stops");
+                        self.fail_everything("the engine thread's io_uring failed");
+                        break;
+                    }
+                }
+            }
+            self.reap_cqes();
+        }
+        self.fail_everything("the engine is shutting down");
+        self.shared.runner_dead.store(true, Ordering::Release);
+        if !self.drain_kernel() {
+            // Leak everything rather than free memory the kernel may still write into.
+            std::mem::forget(self);
+            return;
+        }
+        // Dropping the reactor closes the control connection: the runner kills this
+        // shard's workers and exits once every shard is gone.
+    }
+
+    fn reap_cqes(&mut self) {
+        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        self.in_kernel -= cqes.len().min(self.in_kernel);
+        for cqe in cqes {
+            self.handle_cqe(cqe.user_data(), cqe.result());
+        }
+    }
+
+    /// Cancels every operation still in the kernel and waits for their completions,
+    /// so no buffer is freed while the kernel may still write into it.
+    fn drain_kernel(&mut self) -> bool {
+        self.pending_sqes.clear();
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(0);
+        self.pending_sqes.push(cancel);
+        self.flush_sqes();
+        while self.in_kernel > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(error = %e, "io_uring_enter failed while draining");
+                    return false;
+                }
+            }
+            let n = self.ring.completion().count();
+            self.in_kernel -= n.min(self.in_kernel);
+        }
+        true
+    }
+
+    // ----- commands -------------------------------------------------------------
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Load(entry) => self.load(entry),
+            Cmd::Execute(req) => self.execute(req),
+            Cmd::Cancel(id) => self.cancel(id),
+            Cmd::Delete(token) => self.delete(token),
+            Cmd::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    fn load(&mut self, entry: Arc<TokenEntry>) {
+        let slots = entry.per_shard[self.config.index].slots;
+        if self.runner_dead {
+            return;
+        }
+        let fd = match entry.binary.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot duplicate binary fd");
+                return;
+            }
+        };
+        self.ctl_out.push(host_to_runner::Msg::Load(Load { code_id: entry.id }), vec![fd]);
+        let id = entry.id;
+        self.tokens.insert(
+            id,
+            TokenState { entry, slots, live: 0, idle: VecDeque::new(), queue: VecDeque::new(), failures: 0, respawn_at: None },
+        );
+        self.fill_slots(id);
+    }
+
+    fn execute(&mut self, req: ExecRequest) {
+        let ExecRequest { id, token, frame, worker_wait_timeout, timeout, sink, submitted } = req;
+        if self.runner_dead {
+            sink.complete(Err(Error::Unavailable("the sandbox runner is not running; create a new engine".into())));
+            return;
+        }
+        if !self.tokens.contains_key(&token) {
+            sink.complete(Err(Error::NotFound(format!("code token code-{token} was deleted"))));
+            return;
+        }
+        let deadline = submitted + worker_wait_timeout;
+        self.execs.insert(
+            id,
+            ExecState {
+                token,
+                frame,
+                written: 0,
+                sink: Some(sink),
+                submitted,
+                worker_wait_deadline: deadline,
+                timeout,
+                dispatched: None,
+                sent: None,
+                worker: None,
+                idle_left: 0,
+                response: None,
+            },
+        );
+        let key = self.tokens.get_mut(&token).and_then(|t| t.idle.pop_front());
+        match key {
+            Some(key) => self.dispatch(id, key),
+            None => {
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.queue.push_back(id);
+                }
+                self.timers.push(Reverse((deadline, Timer::WorkerWait(id))));
+            }
+        }
+    }
+
+    fn cancel(&mut self, id: u64) {
+        let Some(exec) = self.execs.get(&id) else { return };
+        let (token, worker) = (exec.token, exec.worker);
+        match worker {
+            None => {
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.queue.retain(|e| *e != id);
+                }
+            }
+            Some(key) => self.kill_worker(key),
+        }
+        self.complete(id, Err(Error::Cancelled(format!("execution exec-{}-{id} was cancelled", self.config.index))));
+    }
+
+    fn delete(&mut self, token: u64) {
+        let Some(state) = self.tokens.remove(&token) else { return };
+        let msg = format!("code token code-{token} was deleted while the execution was pending");
+        for id in state.queue {
+            self.complete(id, Err(Error::Cancelled(msg.clone())));
+        }
+        let busy: Vec<u64> = self.execs.iter().filter(|(_, e)| e.token == token).map(|(id, _)| *id).collect();
+        for id in busy {
+            self.complete(id, Err(Error::Cancelled(msg.clone())));
+        }
+        if !self.runner_dead {
+            self.ctl_out.push(host_to_runner::Msg::Unload(Unload { code_id: token }), Vec::new());
+        }
+        state.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+    }
+
+    // ----- workers --------------------------------------------------------------
+
+    fn fill_slots(&mut self, token: u64) {
+        loop {
+            let Some(t) = self.tokens.get(&token) else { return };
+            if t.live >= t.slots || self.runner_dead {
+                return;
+            }
+            if let Some(at) = t.respawn_at {
+                if at > Instant::now() {
+                    return;
+                }
+            }
+            if let Err(e) = self.spawn_worker(token) {
+                tracing::error!(error = %e, "cannot prepare a worker");
+                self.note_failure(token, &format!("cannot prepare a worker: {e}"));
+                return;
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self, token: u64) -> std::io::Result<()> {
+        let Some(t) = self.tokens.get_mut(&token) else { return Ok(()) };
+        let log = t.entry.log;
+        let (host_end, runner_end) = fdpass::stream_pair()?;
+        let mut fds = vec![runner_end];
+        let logs = if log {
+            let out = memfd(c"roma-stdout")?;
+            let err = memfd(c"roma-stderr")?;
+            fds.push(out.try_clone()?);
+            fds.push(err.try_clone()?);
+            Some((out, err))
+        } else {
+            None
+        };
+        t.live += 1;
+        let worker_id = self.next_worker_id;
+        self.next_worker_id += 1;
+        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log }), fds);
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1) & 0xff_ffff;
+        let conn = WorkerConn {
+            worker_id,
+            token,
+            gen,
+            fd: Some(host_end),
+            state: WState::Spawning,
+            buf: vec![0u8; RECV_CHUNK],
+            filled: 0,
+            body: None,
+            inflight: 0,
+            exec: None,
+            exited: None,
+            logs,
+            failure: None,
+        };
+        let key = match self.free.pop() {
+            Some(k) => {
+                self.workers[k as usize] = Some(conn);
+                k
+            }
+            None => {
+                self.workers.push(Some(conn));
+                (self.workers.len() - 1) as u32
+            }
+        };
+        self.by_worker_id.insert(worker_id, key);
+        self.post_worker_recv(key, 1);
+        Ok(())
+    }
+
+    fn worker(&mut self, key: u32) -> Option<&mut WorkerConn> {
+        self.workers.get_mut(key as usize).and_then(|w| w.as_mut())
+    }
+
+    fn post_worker_recv(&mut self, key: u32, len: usize) {
+        let Some(w) = self.worker(key) else { return };
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        if w.buf.len() < w.filled + len {
+            w.buf.resize(w.filled + len, 0);
+        }
+        // SAFETY: the range [filled, filled+len) is inside `buf`, which is not resized
+        // while this recv is in flight (inflight > 0 blocks every resize path).
+        let ptr = unsafe { w.buf.as_mut_ptr().add(w.filled) };
+        w.inflight += 1;
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32).build().user_data(ud(K_W_RECV, key, w.gen));
+        self.push_sqe(sqe);
+    }
+
+    fn post_worker_send(&mut self, key: u32, exec_id: u64) {
+        let Some(exec) = self.execs.get(&exec_id) else { return };
+        let ptr = exec.frame[exec.written..].as_ptr();
+        let len = (exec.frame.len() - exec.written) as u32;
+        let Some(w) = self.worker(key) else { return };
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        w.inflight += 1;
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(K_W_SEND, key, w.gen));
+        self.push_sqe(sqe);
+    }
+
+    fn dispatch(&mut self, exec_id: u64, key: u32) {
+        let now = Instant::now();
+        let Some(w) = self.worker(key) else { return };
+        w.state = WState::Busy;
+        w.exec = Some(exec_id);
+        let token = w.token;
+        let (idle_left, entry) = match self.tokens.get_mut(&token) {
+            Some(t) => {
+                t.live = t.live.saturating_sub(1);
+                (t.idle.len(), Some(t.entry.clone()))
+            }
+            None => (0, None),
+        };
+        if let Some(entry) = entry {
+            entry.per_shard[self.config.index].idle.store(idle_left, Ordering::Relaxed);
+        }
+        let Some(exec) = self.execs.get_mut(&exec_id) else { return };
+        exec.dispatched = Some(now);
+        exec.worker = Some(key);
+        exec.idle_left = idle_left;
+        let deadline = now + exec.timeout;
+        self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
+        self.post_worker_send(key, exec_id);
+        // Refill the slot off the critical path: the replacement starts while this
+        // request runs.
+        self.fill_slots(token);
+    }
+
+    fn kill_worker(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        let worker_id = w.worker_id;
+        if w.exited.is_none() && !self.runner_dead {
+            self.ctl_out.push(host_to_runner::Msg::Kill(Kill { worker_id }), Vec::new());
+        }
+        self.close_channel(key);
+    }
+
+    /// Stops using the channel: pending ops finish with an error or EOF.
+    fn close_channel(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        if w.state != WState::Finished {
+            w.state = WState::Finished;
+        }
+        if let Some(fd) = w.fd.as_ref() {
+            // SAFETY: shutting down a socket we own; in-flight ops complete promptly.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        self.maybe_free(key);
+    }
+
+    fn maybe_free(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        if w.state == WState::Finished && w.inflight == 0 && w.exited.is_some() {
+            let worker_id = w.worker_id;
+            self.workers[key as usize] = None;
+            self.by_worker_id.remove(&worker_id);
+            self.free.push(key);
+        } else if w.state == WState::Finished && w.inflight == 0 {
+            // Drop the socket now; keep the record for the exit report.
+            w.fd = None;
+        }
+    }
+
+    fn remove_idle(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        let token = w.token;
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.idle.retain(|k| *k != key);
+            t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn note_failure(&mut self, token: u64, why: &str) {
+        let Some(t) = self.tokens.get_mut(&token) else { return };
+        t.failures += 1;
+        let backoff = Duration::from_millis(5u64 << t.failures.min(8)).min(MAX_BACKOFF);
+        let at = Instant::now() + backoff;
+        t.respawn_at = Some(at);
+        let victim = t.queue.pop_front();
+        self.timers.push(Reverse((at, Timer::Respawn(token))));
+        if let Some(id) = victim {
+            self.complete(id, Err(Error::Unavailable(why.to_string())));
+        }
+    }
+
+    // ----- completions ------------------------------------------------------------
+
+    fn handle_cqe(&mut self, user_data: u64, res: i32) {
+        let kind = user_data >> 56;
+        let key = (user_data & 0xffff_ffff) as u32;
+        let gen = ((user_data >> 32) & 0xff_ffff) as u32;
+        match kind {
+            K_EVENTFD => self.post_eventfd_read(),
+            K_CTL_RECV => self.on_ctl_recv(res),
+            K_CTL_SEND => {
+                match self.ctl_out.on_complete(res, self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
+                    Ok(Some(sqe)) => self.push_sqe(sqe),
+                    Ok(None) => {}
+                    Err(e) => self.runner_gone(&format!("cannot send to the sandbox runner: {e}")),
+                }
+            }
+            K_W_RECV | K_W_SEND => {
+                let valid = matches!(self.worker(key), Some(w) if w.gen == gen);
+                if !valid {
+                    return;
+                }
+                if let Some(w) = self.worker(key) {
+                    w.inflight -= 1;
+                }
+                if kind == K_W_RECV {
+                    self.on_worker_recv(key, res);
+                } else {
+                    self.on_worker_send(key, res);
+                }
+                self.maybe_free(key);
+            }
+            _ => {}
+        }
+    }
+
+    fn post_eventfd_read(&mut self) {
+        let ptr: *mut u64 = &mut *self.event_buf;
+        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr.cast(), 8)
+            .build()
+            .user_data(ud(K_EVENTFD, 0, 0));
+        self.push_sqe(sqe);
+    }
+
+    fn post_ctl_recv(&mut self) {
+        let sqe = opcode::Recv::new(types::Fd(self.ctl.as_raw_fd()), self.ctl_buf.as_mut_ptr(), self.ctl_buf.len() as u32)
+            .build()
+            .user_data(ud(K_CTL_RECV, 0, 0));
+        self.push_sqe(sqe);
+    }
+
+    fn on_ctl_recv(&mut self, res: i32) {
+        if res <= 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                self.post_ctl_recv();
+                return;
+            }
+            self.runner_gone("the sandbox runner exited");
+            return;
+        }
+        let n = res as usize;
+        let bytes = self.ctl_buf[..n].to_vec();
+        self.ctl_decoder.extend(&bytes);
+        let mut msgs = Vec::new();
+        loop {
+            match self.ctl_decoder.next_frame(1 << 20) {
+                Ok(Some(body)) => match RunnerToHost::decode(body) {
+                    Ok(RunnerToHost { msg: Some(m) }) => msgs.push(m),
+                    _ => {
+                        self.runner_gone("the sandbox runner sent an undecodable control message");
+                        return;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    self.runner_gone(&format!("control protocol error from the runner: {e}"));
+                    return;
+                }
+            }
+        }
+        for m in msgs {
+            self.on_runner_msg(m);
+        }
+        self.post_ctl_recv();
+    }
+
+    fn on_runner_msg(&mut self, msg: runner_to_host::Msg) {
+        match msg {
+            runner_to_host::Msg::Exited(e) => {
+                if let Some(&key) = self.by_worker_id.get(&e.worker_id) {
+                    self.on_worker_exit(key, e.wait_status, None);
+                }
+            }
+            runner_to_host::Msg::SpawnFailed(f) => {
+                if let Some(&key) = self.by_worker_id.get(&f.worker_id) {
+                    self.on_worker_exit(key, 0, Some(f.error));
+                }
+            }
+            runner_to_host::Msg::Started(_) | runner_to_host::Msg::StartFailed(_) => {}
+        }
+    }
+
+    fn on_worker_exit(&mut self, key: u32, status: i32, spawn_error: Option<String>) {
+        let Some(w) = self.worker(key) else { return };
+        w.exited = Some(status);
+        if w.state == WState::Busy && w.inflight > 0 && spawn_error.is_none() {
+            // The exit report overtook the channel's last completion (response or
+            // EOF): that completion finishes the execution.
+            return;
+        }
+        let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
+        let how = match &spawn_error {
+            Some(e) => format!("could not be started: {e}"),
+            None => describe_status(status),
+        };
+        match state {
+            WState::Spawning => {
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.live = t.live.saturating_sub(1);
+                }
+                self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {how}"));
+                self.close_channel(key);
+                self.fill_slots(token);
+            }
+            WState::Idle => {
+                self.remove_idle(key);
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.live = t.live.saturating_sub(1);
+                }
+                self.note_failure(token, &format!("an idle worker of code-{token} exited: it {how}"));
+                self.close_channel(key);
+                self.fill_slots(token);
+            }
+            WState::Busy | WState::Finished => {
+                if let Some(id) = exec {
+                    let has_response = self.execs.get(&id).is_some_and(|e| e.response.is_some());
+                    if has_response {
+                        self.finish_with_logs(id, key);
+                    } else {
+                        let detail = failure.map(|f| format!(" ({f})")).unwrap_or_default();
+                        self.complete(
+                            id,
+                            Err(Error::Unavailable(format!("the UDF {how} before sending a complete response{detail}"))),
+                        );
+                    }
+                }
+                self.close_channel(key);
+            }
+        }
+        self.maybe_free(key);
+    }
+
+    fn on_worker_send(&mut self, key: u32, res: i32) {
+        let Some(w) = self.worker(key) else { return };
+        let Some(exec_id) = w.exec else { return };
+        if w.state != WState::Busy {
+            return;
+        }
+        if res < 0 {
+            w.failure = Some(format!("request write failed: {}", std::io::Error::from_raw_os_error(-res)));
+            return;
+        }
+        let Some(exec) = self.execs.get_mut(&exec_id) else { return };
+        exec.written += res as usize;
+        if exec.written < exec.frame.len() {
+            self.post_worker_send(key, exec_id);
+        } else {
+            exec.sent = Some(Instant::now());
+            exec.frame = Vec::new();
+        }
+    }
+
+    fn on_worker_recv(&mut self, key: u32, res: i32) {
+        let max = self.config.max_response_bytes;
+        let Some(w) = self.worker(key) else { return };
+        let state = w.state;
+        if res <= 0 {
+            if res < 0 && w.failure.is_none() && state == WState::Busy {
+                w.failure = Some(format!("channel error: {}", std::io::Error::from_raw_os_error(-res)));
+            } else if res == 0 && w.failure.is_none() && state == WState::Busy {
+                w.failure = Some("the UDF closed its channel".into());
+            }
+            // EOF or error: the exit report from the runner completes the story.
+            if state == WState::Idle {
+                self.remove_idle(key);
+            }
+            // The state (Spawning/Idle/Busy) stays for on_worker_exit to judge; if
+            // the exit report came first, judge now.
+            if let Some(status) = self.worker(key).and_then(|w| w.exited) {
+                if state == WState::Busy {
+                    self.on_worker_exit(key, status, None);
+                }
+            }
+            return;
+        }
+        let n = res as usize;
+        match state {
+            WState::Spawning => {
+                w.state = WState::Idle;
+                w.filled = 0;
+                let token = w.token;
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.failures = 0;
+                    t.respawn_at = None;
+                    if let Some(exec_id) = t.queue.pop_front() {
+                        self.post_worker_recv(key, RECV_CHUNK);
+                        self.dispatch(exec_id, key);
+                        return;
+                    }
+                    t.idle.push_back(key);
+                    t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+                }
+                self.post_worker_recv(key, RECV_CHUNK);
+            }
+            WState::Idle => {
+                // Bytes before any request: a protocol violation.
+                let token = w.token;
+                self.remove_idle(key);
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.live = t.live.saturating_sub(1);
+                }
+                tracing::warn!(token, "a UDF wrote before receiving its request; worker killed");
+                self.kill_worker(key);
+                self.fill_slots(token);
+            }
+            WState::Busy => {
+                w.filled += n;
+                if w.body.is_none() {
+                    match frame::parse_header(&w.buf[..w.filled]) {
+                        Header::Incomplete => {
+                            self.post_worker_recv(key, RECV_CHUNK);
+                            return;
+                        }
+                        Header::Invalid => {
+                            self.garbage(key, "invalid varint length prefix".into());
+                            return;
+                        }
+                        Header::Complete { offset, len } => {
+                            if len > max as u64 {
+                                self.garbage(key, format!("declared length {len} exceeds max_response_bytes {max}"));
+                                return;
+                            }
+                            w.body = Some((offset, len as usize));
+                        }
+                    }
+                }
+                let Some((off, len)) = w.body else { return };
+                let total = off + len;
+                if w.filled > total {
+                    let extra = w.filled - total;
+                    self.garbage(key, format!("{extra} bytes after the response frame"));
+                } else if w.filled == total {
+                    let mut buf = std::mem::take(&mut w.buf);
+                    buf.truncate(total);
+                    let body = if off == 0 { buf } else { buf.split_off(off) };
+                    self.on_response(key, body);
+                } else {
+                    // Read exactly the rest, straight into place.
+                    let remaining = total - w.filled;
+                    if w.buf.len() < total {
+                        w.buf.resize(total, 0);
+                    }
+                    self.post_worker_recv(key, remaining);
+                }
+            }
+            WState::Finished => {}
+        }
+    }
+
+    fn garbage(&mut self, key: u32, why: String) {
+        let exec = self.worker(key).and_then(|w| w.exec);
+        self.kill_worker(key);
+        if let Some(id) = exec {
+            self.complete(id, Err(Error::Unavailable(format!("the UDF wrote a malformed response frame: {why}"))));
+        }
+    }
+
+    fn on_response(&mut self, key: u32, body: Vec<u8>) {
+        let Some(w) = self.worker(key) else { return };
+        let Some(id) = w.exec else { return };
+        let logging = w.logs.is_some();
+        let exited = w.exited.is_some();
+        w.state = WState::Finished;
+        let now = Instant::now();
+        if logging {
+            if let Some(e) = self.execs.get_mut(&id) {
+                e.response = Some((body, now));
+            }
+            if exited {
+                self.finish_with_logs(id, key);
+            }
+        } else {
+            let metrics = self.metrics(id, now);
+            self.complete(id, Ok(RawOutcome { body, logs: None, metrics }));
+        }
+        self.close_channel(key);
+    }
+
+    fn finish_with_logs(&mut self, id: u64, key: u32) {
+        let logs = self.worker(key).and_then(|w| w.logs.as_ref()).map(|(out, err)| Logs {
+            stdout: read_all(out),
+            stderr: read_all(err),
+        });
+        let Some((body, at)) = self.execs.get_mut(&id).and_then(|e| e.response.take()) else { return };
+        let metrics = self.metrics(id, at);
+        self.complete(id, Ok(RawOutcome { body, logs, metrics }));
+    }
+
+    fn metrics(&self, id: u64, done: Instant) -> Metrics {
+        let Some(e) = self.execs.get(&id) else { return Metrics::default() };
+        let dispatched = e.dispatched.unwrap_or(done);
+        let sent = e.sent.unwrap_or(done);
+        Metrics {
+            wait_for_worker: dispatched.saturating_duration_since(e.submitted),
+            send: sent.saturating_duration_since(dispatched),
+            response: done.saturating_duration_since(sent),
+            idle_workers_left: e.idle_left,
+        }
+    }
+
+    fn complete(&mut self, id: u64, result: crate::completion::RawResult) {
+        if let Some(mut exec) = self.execs.remove(&id) {
+            if let Some(key) = exec.worker {
+                if let Some(w) = self.worker(key) {
+                    if w.exec == Some(id) {
+                        w.exec = None;
+                    }
+                }
+            }
+            if let Some(sink) = exec.sink.take() {
+                sink.complete(result);
+            }
+        }
+    }
+
+    // ----- timers -------------------------------------------------------------------
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::WorkerWait(id) => {
+                    let Some(e) = self.execs.get(&id) else { continue };
+                    if e.worker.is_some() || e.worker_wait_deadline > now {
+                        continue;
+                    }
+                    let (token, waited) = (e.token, now.duration_since(e.submitted));
+                    if let Some(t) = self.tokens.get_mut(&token) {
+                        t.queue.retain(|x| *x != id);
+                    }
+                    self.complete(
+                        id,
+                        Err(Error::DeadlineExceeded(format!(
+                            "no workers available for code-{token} after waiting {} ms; load more workers or raise worker_wait_timeout",
+                            waited.as_millis()
+                        ))),
+                    );
+                }
+                Timer::Deadline(id) => {
+                    let Some(e) = self.execs.get(&id) else { continue };
+                    let (Some(key), Some(d)) = (e.worker, e.dispatched) else { continue };
+                    if d + e.timeout > now {
+                        continue;
+                    }
+                    let timeout = e.timeout;
+                    self.kill_worker(key);
+                    self.complete(
+                        id,
+                        Err(Error::DeadlineExceeded(format!(
+                            "the execution exceeded its timeout of {} ms; its worker was killed",
+                            timeout.as_millis()
+                        ))),
+                    );
+                }
+                Timer::Respawn(token) => {
+                    if let Some(t) = self.tokens.get_mut(&token) {
+                        if t.respawn_at.is_some_and(|a| a <= now) {
+                            t.respawn_at = None;
+                        }
+                    }
+                    self.fill_slots(token);
+                }
+            }
+        }
+    }
+
+    // ----- failure of the whole shard ------------------------------------------
+
+    fn runner_gone(&mut self, why: &str) {
+        if self.runner_dead {
+            return;
+        }
+        tracing::error!(shard = self.config.index, "{why}");
+        self.runner_dead = true;
+        self.shared.runner_dead.store(true, Ordering::Release);
+        self.fail_everything(why);
+    }
+
+    fn fail_everything(&mut self, why: &str) {
+        let ids: Vec<u64> = self.execs.keys().copied().collect();
+        for id in ids {
+            self.complete(id, Err(Error::Unavailable(why.to_string())));
+        }
+        for t in self.tokens.values_mut() {
+            t.queue.clear();
+            t.idle.clear();
+            t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn memfd(name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    // SAFETY: name is NUL-terminated; memfd_create returns a fresh fd.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_all(fd: &OwnedFd) -> Vec<u8> {
+    let file = std::fs::File::from(match fd.try_clone() {
+        Ok(f) => f,
+        Err(_) => return Vec::new(),
+    });
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+    let mut out = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match file.read_at(&mut out[done..], done as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    out.truncate(done);
+    out
+}

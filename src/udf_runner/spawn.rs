@@ -1,0 +1,174 @@
+//! The worker spawn path (DESIGN §4, fast recipe): one
+//! `clone(CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)`
+//! whose child, sharing the runner's memory until it execs, sets up its fds, drops
+//! every capability, sets no_new_privs, installs the precompiled seccomp program and
+//! `execveat`s the binary fd. The root is the runner's (already read-only), so there
+//! is no per-worker mount work.
+//!
+//! The child runs on a private stack with the parent suspended (vfork semantics), so
+//! it may only make raw syscalls: no allocation, no locks, no Rust std I/O.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Everything the child needs, prepared by the parent before `clone`.
+pub struct SpawnPlan {
+    pub binary: RawFd,
+    pub channel: RawFd,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub seccomp: Option<*const libc::sock_fprog>,
+    pub rlimit_as: Option<libc::rlimit>,
+    pub rlimit_fsize: Option<libc::rlimit>,
+}
+
+/// Shared with the child through CLONE_VM: what failed, if anything.
+#[repr(C)]
+struct ChildCtx {
+    plan: *const SpawnPlan,
+    argv: [*const libc::c_char; 3],
+    envp: [*const libc::c_char; 1],
+    failed_step: libc::c_int,
+    errno: libc::c_int,
+}
+
+const STEPS: [&str; 10] = [
+    "none", "dup2 stdio", "dup2 channel", "close_range", "prctl(PDEATHSIG)", "setrlimit",
+    "capset", "prctl(NO_NEW_PRIVS)", "seccomp", "execveat",
+];
+
+const STACK_SIZE: usize = 64 * 1024;
+
+/// Reusable spawner (owns the child stack).
+pub struct Spawner {
+    stack: Vec<u128>,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn errno() -> libc::c_int {
+    // SAFETY: reading the thread's errno location is always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildCtx, alive until the parent resumes (vfork).
+    let ctx = unsafe { &mut *(arg as *mut ChildCtx) };
+    // SAFETY: plan points at the parent's SpawnPlan, alive for the same reason.
+    let plan = unsafe { &*ctx.plan };
+    macro_rules! step {
+        ($n:expr, $e:expr) => {
+            if $e < 0 {
+                ctx.failed_step = $n;
+                ctx.errno = errno();
+                libc::_exit(127);
+            }
+        };
+    }
+    // SAFETY (whole block): raw syscalls on fds and the process's own attributes; all
+    // pointers passed point into ctx/plan or to locals that outlive each call.
+    unsafe {
+        step!(1, libc::dup2(plan.stdin, 0));
+        step!(1, libc::dup2(plan.stdout, 1));
+        step!(1, libc::dup2(plan.stderr, 2));
+        if plan.channel == 3 {
+            step!(2, libc::fcntl(3, libc::F_SETFD, 0));
+        } else {
+            step!(2, libc::dup2(plan.channel, 3));
+        }
+        // Everything above the channel becomes close-on-exec (the binary fd included:
+        // execveat of an ELF binary works on a close-on-exec fd).
+        step!(3, libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int);
+        step!(4, libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0));
+        if let Some(lim) = plan.rlimit_as.as_ref() {
+            step!(5, libc::setrlimit(libc::RLIMIT_AS, lim));
+        }
+        if let Some(lim) = plan.rlimit_fsize.as_ref() {
+            step!(5, libc::setrlimit(libc::RLIMIT_FSIZE, lim));
+            // Log writes past the limit fail with EFBIG instead of killing the UDF.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        }
+        let mut header = CapHeader { version: 0x2008_0522, pid: 0 };
+        let data = [
+            CapData { effective: 0, permitted: 0, inheritable: 0 },
+            CapData { effective: 0, permitted: 0, inheritable: 0 },
+        ];
+        step!(6, libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) as libc::c_int);
+        step!(7, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+        if let Some(prog) = plan.seccomp {
+            step!(
+                8,
+                libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, prog) as libc::c_int
+            );
+        }
+        libc::syscall(
+            libc::SYS_execveat,
+            plan.binary,
+            c"".as_ptr(),
+            ctx.argv.as_ptr(),
+            ctx.envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        ctx.failed_step = 9;
+        ctx.errno = errno();
+        libc::_exit(127)
+    }
+}
+
+impl Default for Spawner {
+    fn default() -> Self {
+        Spawner { stack: vec![0u128; STACK_SIZE / 16] }
+    }
+}
+
+impl Spawner {
+    /// Starts one worker and returns its pid once it has exec'd the UDF.
+    pub fn spawn(&mut self, plan: &SpawnPlan) -> io::Result<libc::pid_t> {
+        let mut ctx = ChildCtx {
+            plan,
+            argv: [c"roma-byob-udf".as_ptr(), c"3".as_ptr(), std::ptr::null()],
+            envp: [std::ptr::null()],
+            failed_step: 0,
+            errno: 0,
+        };
+        let flags = libc::CLONE_VM
+            | libc::CLONE_VFORK
+            | libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::SIGCHLD;
+        // SAFETY: the stack top is within our allocation and 16-byte aligned; with
+        // CLONE_VFORK the parent is suspended until the child execs or exits, so
+        // `ctx` and `plan` stay valid and unaliased for the child's whole run.
+        let pid = unsafe {
+            let top = self.stack.as_mut_ptr().add(self.stack.len()).cast::<libc::c_void>();
+            libc::clone(child_main, top, flags, (&mut ctx as *mut ChildCtx).cast())
+        };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("clone: {e}")));
+        }
+        if ctx.failed_step != 0 {
+            let mut status = 0;
+            // SAFETY: reaping our own child that has already exited.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            let step = STEPS.get(ctx.failed_step as usize).copied().unwrap_or("?");
+            let err = io::Error::from_raw_os_error(ctx.errno);
+            return Err(io::Error::new(err.kind(), format!("{step}: {err}")));
+        }
+        Ok(pid)
+    }
+}
