@@ -130,7 +130,7 @@ fn describe_status(status: i32) -> String {
         let sig = libc::WTERMSIG(status);
         // SAFETY: strsignal returns a pointer to a static or thread-local string.
         let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) }.to_string_lossy().into_owned();
-        format!("killed by signal {sig} ({name})")
+        format!("was killed by signal {sig} ({name})")
     } else {
         format!("ended with wait status {status:#x}")
     }
@@ -476,11 +476,8 @@ impl Reactor {
         w.state = WState::Busy;
         w.exec = Some(exec_id);
         let token = w.token;
-        let (idle_left, entry) = match self.tokens.get_mut(&token) {
-            Some(t) => {
-                t.live = t.live.saturating_sub(1);
-                (t.idle.len(), Some(t.entry.clone()))
-            }
+        let (idle_left, entry) = match self.tokens.get(&token) {
+            Some(t) => (t.idle.len(), Some(t.entry.clone())),
             None => (0, None),
         };
         if let Some(entry) = entry {
@@ -493,9 +490,6 @@ impl Reactor {
         let deadline = now + exec.timeout;
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
         self.post_worker_send(key, exec_id);
-        // Refill the slot off the critical path: the replacement starts while this
-        // request runs.
-        self.fill_slots(token);
     }
 
     fn kill_worker(&mut self, key: u32) {
@@ -507,15 +501,23 @@ impl Reactor {
         self.close_channel(key);
     }
 
-    /// Stops using the channel: pending ops finish with an error or EOF.
+    /// Stops using the channel (pending ops finish with an error or EOF) and frees
+    /// the worker's slot: the slot starts a fresh worker right away.
     fn close_channel(&mut self, key: u32) {
         let Some(w) = self.worker(key) else { return };
-        if w.state != WState::Finished {
-            w.state = WState::Finished;
-        }
+        let release = w.state != WState::Finished;
+        w.state = WState::Finished;
+        let token = w.token;
         if let Some(fd) = w.fd.as_ref() {
             // SAFETY: shutting down a socket we own; in-flight ops complete promptly.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if release {
+            self.remove_idle(key);
+            if let Some(t) = self.tokens.get_mut(&token) {
+                t.live = t.live.saturating_sub(1);
+            }
+            self.fill_slots(token);
         }
         self.maybe_free(key);
     }
@@ -671,21 +673,12 @@ impl Reactor {
         };
         match state {
             WState::Spawning => {
-                if let Some(t) = self.tokens.get_mut(&token) {
-                    t.live = t.live.saturating_sub(1);
-                }
                 self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {how}"));
                 self.close_channel(key);
-                self.fill_slots(token);
             }
             WState::Idle => {
-                self.remove_idle(key);
-                if let Some(t) = self.tokens.get_mut(&token) {
-                    t.live = t.live.saturating_sub(1);
-                }
                 self.note_failure(token, &format!("an idle worker of code-{token} exited: it {how}"));
                 self.close_channel(key);
-                self.fill_slots(token);
             }
             WState::Busy | WState::Finished => {
                 if let Some(id) = exec {
@@ -771,13 +764,8 @@ impl Reactor {
             WState::Idle => {
                 // Bytes before any request: a protocol violation.
                 let token = w.token;
-                self.remove_idle(key);
-                if let Some(t) = self.tokens.get_mut(&token) {
-                    t.live = t.live.saturating_sub(1);
-                }
                 tracing::warn!(token, "a UDF wrote before receiving its request; worker killed");
                 self.kill_worker(key);
-                self.fill_slots(token);
             }
             WState::Busy => {
                 w.filled += n;
@@ -836,7 +824,6 @@ impl Reactor {
         let Some(id) = w.exec else { return };
         let logging = w.logs.is_some();
         let exited = w.exited.is_some();
-        w.state = WState::Finished;
         let now = Instant::now();
         if logging {
             if let Some(e) = self.execs.get_mut(&id) {

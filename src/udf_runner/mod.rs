@@ -301,6 +301,7 @@ impl Runner {
         let mut fds = Vec::new();
         let n = match fdpass::recv_with_fds(self.conns[idx].fd.as_raw_fd(), buf, &mut fds) {
             Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => 0,
             Err(e) => {
                 eprintln!("roma-byob-runner: control socket {idx}: {e}");
                 0

@@ -17,6 +17,8 @@
  *   socket        socket(AF_UNIX, SOCK_STREAM, 0)
  *   network       socket(AF_INET, SOCK_STREAM, 0) + connect(127.0.0.1:9)
  *   unshare_user  unshare(CLONE_NEWUSER)
+ *   io_uring      io_uring_setup(1, ...) (kernel attack surface the runner's
+ *                 denylist removes at level worker-engine)
  *   fork          fork(); the child _exit(0)s, the parent waitpid()s
  *   uid           "uid=<n>" (or the errno name if a seccomp filter denies getuid)
  *   kill_parent   kill(getppid(), SIGKILL) ("ESRCH" when there is no visible
@@ -134,7 +136,7 @@ static void probe_list_dir(const char *path) {
   if (err != 0) {
     set_errno_result(err);
   } else {
-    qsort(names, count, sizeof *names, compare_names);
+    if (count > 1) qsort(names, count, sizeof *names, compare_names);
     size_t used = 0;
     result[0] = '\0';
     for (size_t i = 0; i < count && used < sizeof result - 1; ++i) {
@@ -201,6 +203,14 @@ static void probe_capabilities(void) {
   unsigned long long inh =
       (unsigned long long)data[0].inheritable | (unsigned long long)data[1].inheritable << 32;
   snprintf(result, sizeof result, "eff=%llx prm=%llx inh=%llx", eff, prm, inh);
+}
+
+static void probe_io_uring(void) {
+  unsigned char params[120]; /* struct io_uring_params */
+  memset(params, 0, sizeof params);
+  long fd = syscall(SYS_io_uring_setup, 1, params);
+  if (fd >= 0) close((int)fd);
+  set_rc_result(fd < 0 ? -1 : 0);
 }
 
 static void probe_socket(void) {
@@ -328,6 +338,8 @@ int main(int argc, char **argv) {
     probe_socket();
   } else if (strcmp(probe, "network") == 0) {
     probe_network();
+  } else if (strcmp(probe, "io_uring") == 0) {
+    probe_io_uring();
   } else if (strcmp(probe, "unshare_user") == 0) {
     set_rc_result(unshare(CLONE_NEWUSER));
   } else if (strcmp(probe, "fork") == 0) {

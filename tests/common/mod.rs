@@ -1,0 +1,72 @@
+//! Shared helpers for the integration tests: every test runs in each sandbox mode
+//! available on this machine.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use roma_byob::proto::sample::{ProbeRequest, ProbeResponse, SampleRequest, SampleResponse};
+use roma_byob::{CodeToken, Config, Engine, ExecuteOptions, LoadOptions, Mode, SyscallFilter};
+
+/// The modes these tests run in. `minimal` always; the gVisor modes join when they
+/// are available (printing a visible skip reason otherwise).
+pub fn modes() -> Vec<Mode> {
+    let mut v = vec![Mode::Minimal];
+    if which("runsc").is_some() {
+        eprintln!("NOTE: runsc is installed, but gvisor mode is not part of this build yet: testing minimal only");
+    } else {
+        eprintln!("SKIP gvisor: runsc is not installed (apt-get install -y runsc)");
+    }
+    v.truncate(1);
+    v
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+pub fn engine(mode: Mode) -> Engine {
+    engine_with(mode, SyscallFilter::Untrusted)
+}
+
+pub fn engine_with(mode: Mode, filter: SyscallFilter) -> Engine {
+    Engine::new(Config { mode, syscall_filter: filter, ..Default::default() })
+        .unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"))
+}
+
+pub fn sample(name: &str) -> PathBuf {
+    let p = roma_byob::samples::path(name);
+    assert!(p.is_file(), "sample UDF {} was not built", p.display());
+    p
+}
+
+pub fn load(engine: &Engine, name: &str, workers: usize) -> CodeToken {
+    engine
+        .load(sample(name), LoadOptions { workers, log_egress: false })
+        .unwrap_or_else(|e| panic!("load {name}: {e}"))
+}
+
+pub fn opts() -> ExecuteOptions {
+    ExecuteOptions { worker_wait_timeout: Duration::from_secs(10), timeout: Duration::from_secs(20) }
+}
+
+pub fn hello(engine: &Engine, token: &CodeToken) -> roma_byob::Result<String> {
+    engine
+        .execute::<_, SampleResponse>(token, &SampleRequest::default(), opts())?
+        .wait()
+        .map(|r| r.response.greeting)
+}
+
+pub fn probe(engine: &Engine, token: &CodeToken, what: &str, arg: &str) -> String {
+    let req = ProbeRequest { probe: what.into(), arg: arg.into() };
+    engine
+        .execute::<_, ProbeResponse>(token, &req, opts())
+        .and_then(|e| e.wait())
+        .unwrap_or_else(|e| panic!("probe {what} {arg}: {e}"))
+        .response
+        .result
+}

@@ -1,0 +1,314 @@
+//! Core engine behaviour (issue: load, execute, cancel, delete, logs, errors), in
+//! every available mode.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Code, ExecuteOptions, LoadOptions};
+
+#[test]
+fn load_and_execute_hello_world() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "hello_world", 1);
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "second execution on a fresh worker");
+    }
+}
+
+#[test]
+fn rust_udf_and_static_udfs() {
+    for mode in modes() {
+        let e = engine(mode);
+        for name in ["hello_world_rs", "hello_world_static", "hello_world_rs_static"] {
+            let t = load(&e, name, 1);
+            assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{name}");
+        }
+    }
+}
+
+#[test]
+fn two_binaries_side_by_side() {
+    for mode in modes() {
+        let e = engine(mode);
+        let a = load(&e, "hello_world", 2);
+        let b = load(&e, "new_udf", 2);
+        for _ in 0..3 {
+            assert_eq!(hello(&e, &a).unwrap(), "Hello, world!");
+            assert_eq!(hello(&e, &b).unwrap(), "I am a new UDF!");
+        }
+    }
+}
+
+#[test]
+fn load_from_blob() {
+    for mode in modes() {
+        let e = engine(mode);
+        let bytes = std::fs::read(sample("new_udf")).unwrap();
+        let t = e.load_blob(&bytes, LoadOptions { workers: 1, log_egress: false }).unwrap();
+        assert_eq!(hello(&e, &t).unwrap(), "I am a new UDF!");
+    }
+}
+
+#[test]
+fn prime_sieve() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "prime_sieve", 1);
+        let r = e
+            .execute::<_, SampleResponse>(&t, &SampleRequest { prime_bound: 100 }, opts())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(r.response.prime_number.len(), 25);
+        assert_eq!(r.response.prime_number.last(), Some(&97));
+    }
+}
+
+#[test]
+fn async_callback_form() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "hello_world", 2);
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..5 {
+            let tx = tx.clone();
+            e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), opts(), move |r| {
+                tx.send(r.map(|r| r.response.greeting)).unwrap();
+            })
+            .unwrap();
+        }
+        for _ in 0..5 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap(), "Hello, world!");
+        }
+        // And the future form, polled by a plain executor.
+        let fut = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();
+        let r = futures_executor::block_on(fut).unwrap();
+        assert_eq!(r.response.greeting, "Hello, world!");
+    }
+}
+
+#[test]
+fn no_log_egress_by_default() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "log_udf", 1);
+        let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        assert_eq!(r.response.greeting, "Hello, world!");
+        let err = r.logs.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains("logs are not captured"), "{err}");
+    }
+}
+
+#[test]
+fn log_egress_by_choice() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = e.load(sample("log_udf"), LoadOptions { workers: 1, log_egress: true }).unwrap();
+        for _ in 0..2 {
+            let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+            let logs = r.logs.unwrap();
+            assert_eq!(String::from_utf8_lossy(&logs.stdout), "I am a stdout log.\n");
+            assert_eq!(String::from_utf8_lossy(&logs.stderr), "I am a stderr log.\n");
+        }
+    }
+}
+
+#[test]
+fn load_for_logging_outlives_the_original_token() {
+    for mode in modes() {
+        let e = engine(mode);
+        let original = load(&e, "log_udf", 1);
+        let logging = e.load_for_logging(&original, 1).unwrap();
+        let r = e.execute::<_, SampleResponse>(&logging, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        assert_eq!(r.logs.unwrap().stdout, b"I am a stdout log.\n");
+        e.delete(&original).unwrap();
+        assert_eq!(hello(&e, &original).unwrap_err().code(), Code::NotFound);
+        let r = e.execute::<_, SampleResponse>(&logging, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        assert_eq!(r.response.greeting, "Hello, world!");
+        assert_eq!(r.logs.unwrap().stderr, b"I am a stderr log.\n");
+    }
+}
+
+#[test]
+fn execute_then_delete() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "never_answer", 1);
+        let pending = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        e.delete(&t).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(pending.wait()));
+        let err = rx.recv_timeout(Duration::from_secs(2)).expect("completes within 2 s").unwrap_err();
+        assert_eq!(err.code(), Code::Cancelled, "{err}");
+        assert!(err.message().contains("deleted"), "{err}");
+        assert_eq!(e.delete(&t).unwrap_err().code(), Code::NotFound);
+        let t2 = load(&e, "hello_world", 1);
+        assert_eq!(hello(&e, &t2).unwrap(), "Hello, world!");
+    }
+}
+
+#[test]
+fn execute_then_cancel() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "never_answer", 1);
+        let pending = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        e.cancel(pending.token()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(pending.wait()));
+        let err = rx.recv_timeout(Duration::from_secs(1)).expect("completes within 1 s").unwrap_err();
+        assert_eq!(err.code(), Code::Cancelled, "{err}");
+        // The slot gets a fresh worker: the token keeps working.
+        let next = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();
+        e.cancel(next.token()).unwrap();
+        assert_eq!(next.wait().unwrap_err().code(), Code::Cancelled);
+    }
+}
+
+#[test]
+fn execution_timeout_kills_the_worker() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "never_answer", 1);
+        let o = ExecuteOptions { timeout: Duration::from_millis(300), ..opts() };
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+        assert!(err.message().contains("timeout"), "{err}");
+    }
+}
+
+#[test]
+fn worker_wait_timeout() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "never_answer", 1);
+        let busy = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let o = ExecuteOptions { worker_wait_timeout: Duration::from_millis(200), ..opts() };
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+        assert!(err.message().contains("no workers available"), "{err}");
+        e.cancel(busy.token()).unwrap();
+        assert_eq!(busy.wait().unwrap_err().code(), Code::Cancelled);
+    }
+}
+
+#[test]
+fn bad_input_fails_at_the_call() {
+    for mode in modes() {
+        let e = engine(mode);
+        let unknown: roma_byob::CodeToken = "code-999999".parse().unwrap();
+        let err = e.execute::<_, SampleResponse>(&unknown, &SampleRequest::default(), opts()).err().unwrap();
+        assert_eq!(err.code(), Code::NotFound);
+
+        let err = e.load("/definitely/not/here", LoadOptions::default()).unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err}");
+
+        let dir = std::env::temp_dir().join(format!("roma-byob-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_exec = dir.join("not_exec");
+        std::fs::copy(sample("hello_world"), &not_exec).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&not_exec, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = e.load(&not_exec, LoadOptions::default()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("not executable"), "{err}");
+
+        let script = dir.join("script.sh");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = e.load(&script, LoadOptions::default()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("not an ELF"), "{err}");
+        let err = e.load_blob(b"garbage", LoadOptions::default()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+
+        let err = e.load(sample("hello_world"), LoadOptions { workers: 0, log_egress: false }).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("workers"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn failing_udfs_fail_their_execution_and_the_engine_keeps_serving() {
+    for mode in modes() {
+        let e = engine(mode);
+        let good = load(&e, "hello_world", 1);
+        for (name, needle) in [
+            // The worker is PID 1 of its namespace, so abort()'s SIGABRT is ignored and
+            // glibc ends it with a fault instead: any "killed by signal" is right.
+            ("abort_after_ready", "killed by signal"),
+            ("exit_nonzero", "status 3"),
+            ("garbage_frame", "malformed response frame"),
+            ("abort_before_ready", "before signalling readiness"),
+        ] {
+            let t = load(&e, name, 1);
+            for _ in 0..2 {
+                let err = e
+                    .execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts())
+                    .unwrap()
+                    .wait()
+                    .unwrap_err();
+                assert_eq!(err.code(), Code::Unavailable, "{name}: {err}");
+                assert!(err.message().contains(needle), "{name}: {err}");
+            }
+            assert_eq!(hello(&e, &good).unwrap(), "Hello, world!", "engine still serves after {name}");
+            e.delete(&t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn concurrent_executions_complete_exactly_once() {
+    for mode in modes() {
+        let e = Arc::new(engine(mode));
+        let t = load(&e, "hello_world", 10);
+        let ok = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (e, ok) = (e.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    let pending: Vec<_> = (0..250)
+                        .map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap())
+                        .collect();
+                    for p in pending {
+                        let r = p.wait().unwrap();
+                        assert_eq!(r.response.greeting, "Hello, world!");
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(ok.load(Ordering::Relaxed), 2000);
+        // Callbacks too: each fires exactly once.
+        let fired = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..200 {
+            let (fired, tx) = (fired.clone(), tx.clone());
+            e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), opts(), move |r| {
+                r.unwrap();
+                fired.fetch_add(1, Ordering::SeqCst);
+                tx.send(()).unwrap();
+            })
+            .unwrap();
+        }
+        for _ in 0..200 {
+            rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fired.load(Ordering::SeqCst), 200);
+    }
+}

@@ -1,0 +1,116 @@
+//! Isolation promises (DESIGN §6), each checked by the probe UDF, in every
+//! available mode.
+
+mod common;
+
+use common::*;
+use roma_byob::SyscallFilter;
+
+#[test]
+fn no_capabilities() {
+    for mode in modes() {
+        for filter in [SyscallFilter::No, SyscallFilter::Untrusted] {
+            let e = engine_with(mode, filter);
+            let t = load(&e, "probe", 1);
+            assert_eq!(probe(&e, &t, "capabilities", ""), "eff=0 prm=0 inh=0", "{filter:?}");
+        }
+    }
+}
+
+#[test]
+fn filesystem_is_read_only_and_holds_only_the_library_mounts() {
+    for mode in modes() {
+        // With no seccomp filter, so the read-only root itself is what stops writes.
+        let e = engine_with(mode, SyscallFilter::No);
+        let t = load(&e, "probe", 1);
+        assert_eq!(probe(&e, &t, "create_file", "/udf-was-here"), "EROFS");
+        assert_eq!(probe(&e, &t, "create_file", "/lib/udf-was-here"), "EROFS");
+        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(probe(&e, &t, "stat_path", libc), "ok", "the library mounts are visible");
+        let edit = probe(&e, &t, "edit_file", libc);
+        assert!(edit == "EROFS" || edit == "EACCES", "edit: {edit}");
+        let del = probe(&e, &t, "delete_file", libc);
+        assert!(del == "EROFS" || del == "EACCES", "delete: {del}");
+        assert_eq!(probe(&e, &t, "list_dir", "/"), "lib,lib64,usr");
+        for hidden in ["/proc", "/dev", "/tmp", "/etc", "/root"] {
+            assert_eq!(probe(&e, &t, "stat_path", hidden), "ENOENT", "{hidden} must not exist");
+        }
+        // Under the default filter the same attempts are refused too.
+        let strict = engine(mode);
+        let t = load(&strict, "probe", 1);
+        assert_ne!(probe(&strict, &t, "create_file", "/udf-was-here"), "ok");
+        assert_ne!(probe(&strict, &t, "delete_file", libc), "ok");
+        assert_ne!(probe(&strict, &t, "edit_file", libc), "ok");
+    }
+}
+
+#[test]
+fn host_paths_and_sockets_are_not_visible() {
+    for mode in modes() {
+        let e = engine_with(mode, SyscallFilter::No);
+        let t = load(&e, "probe", 1);
+        // The engine talks to workers over inherited socketpairs only: there is no
+        // socket file at all. Nothing of the host's tree is reachable either.
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(probe(&e, &t, "stat_path", exe.to_str().unwrap()), "ENOENT");
+        assert_eq!(probe(&e, &t, "stat_path", "/run"), "ENOENT");
+        assert_eq!(probe(&e, &t, "stat_path", "/var/run"), "ENOENT");
+        // No network: the runner's network namespace has no usable interface.
+        let net = probe(&e, &t, "network", "");
+        assert_ne!(net, "ok", "network must be unreachable");
+        assert_ne!(net, "ECONNREFUSED", "loopback must not be reachable");
+    }
+}
+
+#[test]
+fn sysv_message_queue_is_not_shared_between_executions() {
+    for mode in modes() {
+        let e = engine_with(mode, SyscallFilter::No);
+        let t = load(&e, "probe", 2);
+        assert_eq!(probe(&e, &t, "msgq_put", ""), "ok", "a queue can be created in the worker's own IPC namespace");
+        assert_eq!(probe(&e, &t, "msgq_get", ""), "ENOENT", "the next execution must not see it");
+        // Under the default filter SysV IPC is refused outright.
+        let strict = engine(mode);
+        let t = load(&strict, "probe", 1);
+        assert_eq!(probe(&strict, &t, "msgq_put", ""), "EPERM");
+    }
+}
+
+#[test]
+fn each_worker_is_alone_in_its_pid_namespace() {
+    for mode in modes() {
+        let e = engine_with(mode, SyscallFilter::No);
+        let t = load(&e, "probe", 2);
+        // pid 1 of its own namespace: no parent visible, nobody else to signal.
+        assert_eq!(probe(&e, &t, "kill_parent", ""), "ESRCH");
+        assert_eq!(probe(&e, &t, "uid", ""), "uid=65534", "unmapped user: nobody");
+    }
+}
+
+/// Level `no`: sockets, fork and io_uring work (namespaces, no capabilities and the
+/// read-only root still isolate). `worker-engine`: the runner's denylist (io_uring,
+/// unshare, mount, ptrace, bpf, ...) applies to workers too; other syscalls work.
+/// `untrusted`: a default-deny allowlist; sockets, fork, SysV IPC and kill fail with
+/// EPERM. A new user namespace is refused at every level: the worker's uid is
+/// unmapped.
+#[test]
+fn syscall_filter_levels_behave_as_documented() {
+    for mode in modes() {
+        let expect = [
+            (SyscallFilter::No, "ok", "ok", "ok"),
+            (SyscallFilter::WorkerEngine, "ok", "EPERM", "ok"),
+            (SyscallFilter::Untrusted, "EPERM", "EPERM", "EPERM"),
+        ];
+        for (filter, socket, io_uring, fork) in expect {
+            let e = engine_with(mode, filter);
+            let t = load(&e, "probe", 1);
+            assert_eq!(probe(&e, &t, "socket", ""), socket, "{filter:?} socket");
+            assert_eq!(probe(&e, &t, "io_uring", ""), io_uring, "{filter:?} io_uring");
+            assert_eq!(probe(&e, &t, "fork", ""), fork, "{filter:?} fork");
+            assert_eq!(probe(&e, &t, "unshare_user", ""), "EPERM", "{filter:?} unshare");
+            // Every level still runs ordinary UDFs.
+            let h = load(&e, "hello_world", 1);
+            assert_eq!(hello(&e, &h).unwrap(), "Hello, world!");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Shutdown leaves nothing behind: no process, no fd, no mount, no temp dir.
+//! Alone in its own test binary so fd counts are not disturbed by other tests.
+
+mod common;
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::Code;
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn children_of_self() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) {
+            // Field 4 (after the parenthesised command) is the parent pid.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) {
+                let ppid = rest.split_whitespace().nth(1).unwrap_or("");
+                if ppid == me {
+                    kids.push(name);
+                }
+            }
+        }
+    }
+    kids
+}
+
+#[test]
+fn shutdown_completes_pending_executions_and_leaves_nothing_behind() {
+    for mode in modes() {
+        let fds_before = fd_count();
+        let tmp_before: Vec<_> = std::fs::read_dir("/tmp").unwrap().flatten().map(|e| e.file_name()).collect();
+        let e = engine(mode);
+        let hang = load(&e, "never_answer", 2);
+        let logs = e.load_for_logging(&load(&e, "log_udf", 1), 2).unwrap();
+        let ok = load(&e, "hello_world", 3);
+        assert_eq!(hello(&e, &ok).unwrap(), "Hello, world!");
+        let r = e.execute::<_, SampleResponse>(&logs, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        assert!(r.logs.is_ok());
+        let pending: Vec<_> = (0..4)
+            .map(|_| e.execute::<_, SampleResponse>(&hang, &SampleRequest::default(), opts()).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!children_of_self().is_empty(), "the runner runs as our child");
+        e.shutdown();
+        for p in pending {
+            let err = p.wait().unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err}");
+        }
+        assert_eq!(children_of_self(), Vec::<String>::new(), "runner and workers are gone");
+        assert_eq!(fd_count(), fds_before, "no fd leaked");
+        let tmp_after: Vec<_> = std::fs::read_dir("/tmp").unwrap().flatten().map(|e| e.file_name()).collect();
+        let new: Vec<_> = tmp_after.iter().filter(|n| !tmp_before.contains(n)).collect();
+        assert!(new.is_empty(), "no temp files left: {new:?}");
+    }
+}
