@@ -145,7 +145,7 @@ fn execute_then_delete() {
         std::thread::sleep(Duration::from_millis(200));
         e.delete(&t).unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(pending.wait()));
+        std::thread::spawn(move || drop(tx.send(pending.wait())));
         let err = rx.recv_timeout(Duration::from_secs(2)).expect("completes within 2 s").unwrap_err();
         assert_eq!(err.code(), Code::Cancelled, "{err}");
         assert!(err.message().contains("deleted"), "{err}");
@@ -164,7 +164,7 @@ fn execute_then_cancel() {
         std::thread::sleep(Duration::from_millis(200));
         e.cancel(pending.token()).unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(pending.wait()));
+        std::thread::spawn(move || drop(tx.send(pending.wait())));
         let err = rx.recv_timeout(Duration::from_secs(1)).expect("completes within 1 s").unwrap_err();
         assert_eq!(err.code(), Code::Cancelled, "{err}");
         // The slot gets a fresh worker: the token keeps working.

@@ -1,1 +1,80 @@
-fn main() {}
+//! `roma-byob`: command-line front end of the engine.
+
+mod demo;
+mod exec;
+mod json;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use roma_byob::{Config, Mode, SyscallFilter};
+
+#[derive(Parser)]
+#[command(name = "roma-byob", version, about = "Run untrusted binaries, one request per fresh sandboxed process")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Execute one request on a binary: raw protobuf on stdin/stdout, or JSON with --proto.
+    Exec(exec::ExecArgs),
+    /// Load the sample hello-world UDF in the best sandbox available and measure it.
+    Demo(demo::DemoArgs),
+}
+
+/// Engine options shared by the subcommands.
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Sandbox mode: minimal, gvisor or gvisor-debug (default: the best available).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Syscall filtering: no, worker-engine or untrusted.
+    #[arg(long, default_value = "untrusted")]
+    filter: String,
+    /// Cores for the engine threads, e.g. 0,1 (default: all).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    /// Path of roma-byob-runner (default: next to this binary).
+    #[arg(long)]
+    runner: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    /// The mode to use and why, when it was not given.
+    pub fn resolve_mode(&self) -> Result<(Mode, String), String> {
+        if let Some(m) = &self.mode {
+            let mode: Mode = m.parse().map_err(|e: roma_byob::Error| e.to_string())?;
+            return Ok((mode, "chosen with --mode".into()));
+        }
+        Ok((Mode::Minimal, "the best mode in this build (gVisor modes are not part of it yet)".into()))
+    }
+
+    pub fn config(&self, mode: Mode) -> Result<Config, String> {
+        let filter: SyscallFilter = self.filter.parse().map_err(|e: roma_byob::Error| e.to_string())?;
+        Ok(Config { mode, syscall_filter: filter, cores: self.cores.clone(), runner_path: self.runner.clone(), ..Default::default() })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Exec(a) => exec::run(a),
+        Command::Demo(a) => demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roma-byob: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -227,13 +227,12 @@ impl Reactor {
         }
         self.fail_everything("the engine is shutting down");
         self.shared.runner_dead.store(true, Ordering::Release);
+        // Dropping the reactor closes the control connection: the runner kills this
+        // shard's workers and exits once every shard is gone.
         if !self.drain_kernel() {
             // Leak everything rather than free memory the kernel may still write into.
             std::mem::forget(self);
-            return;
         }
-        // Dropping the reactor closes the control connection: the runner kills this
-        // shard's workers and exits once every shard is gone.
     }
 
     fn reap_cqes(&mut self) {

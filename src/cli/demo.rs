@@ -1,0 +1,142 @@
+//! `roma-byob demo`: real executions of the sample hello-world UDF, measured.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Engine, ExecuteOptions, LoadOptions};
+
+use crate::EngineArgs;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// UDF to run (default: the sample hello_world, C, dynamically linked).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Workers for the measured code token.
+    #[arg(long, default_value_t = 10)]
+    workers: usize,
+    /// Sequential executions (latency).
+    #[arg(long, default_value_t = 1000)]
+    sequential: usize,
+    /// Executions for the throughput run.
+    #[arg(long, default_value_t = 5000)]
+    executions: usize,
+    /// Executions kept in flight during the throughput run.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros().max(1) as u64
+}
+
+fn report(name: &str, h: &Histogram<u64>) {
+    println!(
+        "  {name:<24} p50 {:>7} µs   p90 {:>7} µs   p99 {:>7} µs   p99.9 {:>7} µs   max {:>7} µs",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
+}
+
+pub fn run(a: DemoArgs) -> Result<(), String> {
+    let (mode, why) = a.engine.resolve_mode()?;
+    let binary = a.binary.clone().unwrap_or_else(|| roma_byob::samples::path("hello_world"));
+    println!("roma-byob demo");
+    println!("  mode: {} ({why})", mode.as_str());
+    println!("  syscall filter: {}", a.engine.filter);
+    println!("  binary: {}", binary.display());
+
+    let t0 = Instant::now();
+    let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
+    println!("  sandbox start: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    for w in engine.isolation_warnings() {
+        println!("  isolation step not applied in this mode: {w}");
+    }
+    let opts = ExecuteOptions::default();
+    let req = SampleRequest::default();
+
+    // Load with one worker: the call itself, then until the first response.
+    let t1 = Instant::now();
+    let one = engine.load(&binary, LoadOptions { workers: 1, log_egress: false }).map_err(|e| e.to_string())?;
+    let load_call = t1.elapsed();
+    let first = engine.execute::<_, SampleResponse>(&one, &req, opts.clone()).map_err(|e| e.to_string())?.wait();
+    let first_done = t1.elapsed();
+    let greeting = first.map_err(|e| e.to_string())?.response.greeting;
+    println!("  load (1 worker): {:.3} ms for the call, {:.3} ms until the first response ({greeting:?})",
+        load_call.as_secs_f64() * 1e3, first_done.as_secs_f64() * 1e3);
+    engine.delete(&one).map_err(|e| e.to_string())?;
+
+    let token = engine.load(&binary, LoadOptions { workers: a.workers, log_egress: false }).map_err(|e| e.to_string())?;
+    // Warm the pool.
+    for _ in 0..a.workers.max(1) * 2 {
+        engine.execute::<_, SampleResponse>(&token, &req, opts.clone()).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;
+    }
+
+    let mut seq = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut wait = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for _ in 0..a.sequential {
+        // Give the slot time to refill so each request finds a warm worker.
+        let s = Instant::now();
+        let r = engine.execute::<_, SampleResponse>(&token, &req, opts.clone()).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;
+        let _ = seq.record(us(s.elapsed()));
+        let _ = wait.record(us(r.metrics.wait_for_worker));
+    }
+    println!("sequential, {} executions, {} workers:", a.sequential, a.workers);
+    report("end-to-end latency", &seq);
+    report("waiting for a worker", &wait);
+
+    let (tx, rx) = mpsc::channel::<Result<Duration, String>>();
+    let mut lat = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut failures = 0usize;
+    let start = Instant::now();
+    let mut submitted = 0usize;
+    let mut done = 0usize;
+    while done < a.executions {
+        while submitted < a.executions && submitted - done < a.in_flight {
+            let tx = tx.clone();
+            let s = Instant::now();
+            engine
+                .execute_with_callback::<_, SampleResponse, _>(&token, &req, opts.clone(), move |r| {
+                    let _ = tx.send(r.map(|_| s.elapsed()).map_err(|e| e.to_string()));
+                })
+                .map_err(|e| e.to_string())?;
+            submitted += 1;
+        }
+        match rx.recv().map_err(|e| e.to_string())? {
+            Ok(d) => {
+                let _ = lat.record(us(d));
+            }
+            Err(e) => {
+                failures += 1;
+                if failures <= 3 {
+                    eprintln!("  execution failed: {e}");
+                }
+            }
+        }
+        done += 1;
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "throughput, {} executions, {} in flight, {} workers: {:.0} executions/s ({} failed)",
+        a.executions,
+        a.in_flight,
+        a.workers,
+        a.executions as f64 / elapsed.as_secs_f64(),
+        failures
+    );
+    report("latency under load", &lat);
+    engine.shutdown();
+    if failures > 0 {
+        return Err(format!("{failures} executions failed"));
+    }
+    Ok(())
+}
