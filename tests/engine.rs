@@ -312,3 +312,19 @@ fn concurrent_executions_complete_exactly_once() {
         assert_eq!(fired.load(Ordering::SeqCst), 200);
     }
 }
+
+#[test]
+fn memory_limit_fails_the_execution_and_the_next_one_works() {
+    use roma_byob::proto::sample::AllocRequest;
+    use roma_byob::{Config, Engine, MemoryLimit};
+    for mode in modes() {
+        let limit = MemoryLimit { soft_bytes: 128 << 20, hard_bytes: 128 << 20 };
+        let e = Engine::new(Config { mode, memory_limit: Some(limit), ..Default::default() }).unwrap();
+        let t = load(&e, "alloc", 1);
+        let alloc = |mb| e.execute::<_, SampleResponse>(&t, &AllocRequest { megabytes: mb }, opts()).unwrap().wait();
+        let err = alloc(512).unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+        assert!(err.message().contains("exited with status 4"), "{err}");
+        assert_eq!(alloc(16).unwrap().response.greeting, "allocated 16 MB");
+    }
+}
