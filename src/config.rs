@@ -105,6 +105,9 @@ pub struct Config {
     /// Path of the `roma-byob-runner` binary. `None`: `$ROMA_BYOB_RUNNER`, then next
     /// to the current executable (and its parent directory).
     pub runner_path: Option<PathBuf>,
+    /// Path of gVisor's `runsc` for the gVisor modes. `None`: `$PATH`, then
+    /// `/usr/bin/runsc` and `/usr/local/bin/runsc`.
+    pub runsc_path: Option<PathBuf>,
     /// Largest response frame accepted from a UDF; larger ones fail the execution.
     pub max_response_bytes: usize,
     /// Largest stdout (and stderr) kept per execution of a logging code token;
@@ -121,6 +124,7 @@ impl Default for Config {
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
             memory_limit: None,
             runner_path: None,
+            runsc_path: None,
             max_response_bytes: 64 << 20,
             max_log_bytes: 1 << 20,
         }

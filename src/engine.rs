@@ -6,15 +6,16 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use futures_channel::oneshot;
 
 use crate::completion::{self, Execution, RawResult, Response, Sink};
-use crate::ring::{self, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, TokenEntry};
-use crate::sandbox::launch;
+use crate::ring::{self, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
+use crate::sandbox::launch::Launcher;
+use crate::supervisor::Supervisor;
 use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOptions, Mode, Result};
 
 /// The engine. Cheap to share behind an `Arc`; every method takes `&self` and may
@@ -27,7 +28,10 @@ pub struct Engine {
     next_code: AtomicU64,
     next_exec: AtomicU64,
     rr: AtomicUsize,
-    runner: Mutex<Option<std::process::Child>>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+    events: std::sync::mpsc::Sender<SupervisorEvent>,
+    sandbox_pid: Arc<AtomicU32>,
+    debug_log_dir: Option<std::path::PathBuf>,
     warnings: Vec<String>,
 }
 
@@ -44,34 +48,54 @@ impl Engine {
                 "core {bad} is not available to this process (allowed: {online:?})"
             )));
         }
-        let runner_path = launch::find_runner(&config)?;
-        let launched = launch::launch(&config, &runner_path, cores.len())?;
+        let mut launcher = Launcher::new(&config, cores.len())?;
+        let launched = match launcher.launch() {
+            Ok(l) => l,
+            Err(e) => {
+                launcher.cleanup();
+                return Err(e);
+            }
+        };
         for w in &launched.warnings {
             tracing::warn!(mode = config.mode.as_str(), "isolation step not applied: {w}");
         }
+        let debug_log_dir = launcher.debug_log_dir().map(|p| p.to_path_buf());
         tracing::info!(
             mode = config.mode.as_str(),
             filter = config.syscall_filter.as_str(),
             cores = ?cores,
             "roma-byob engine started"
         );
+        let (events, events_rx) = std::sync::mpsc::channel();
         let mut shards = Vec::with_capacity(cores.len());
+        let mut sandbox = launched.sandbox;
         for (index, (core, ctl)) in cores.iter().zip(launched.controls).enumerate() {
             let shard_config =
                 ShardConfig { index, core: Some(*core), max_response_bytes: config.max_response_bytes };
-            match ShardHandle::start(shard_config, ctl) {
+            match ShardHandle::start(shard_config, ctl, events.clone()) {
                 Ok(s) => shards.push(s),
                 Err(e) => {
                     for s in &mut shards {
                         s.shutdown_and_join();
                     }
-                    let mut child = launched.child;
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    launcher.destroy(&mut sandbox);
+                    launcher.cleanup();
                     return Err(e);
                 }
             }
         }
+        let sandbox_pid = Arc::new(AtomicU32::new(sandbox.pid()));
+        let supervisor = Supervisor {
+            launcher,
+            sandbox,
+            shards: shards.iter().map(|s| s.shared.clone()).collect(),
+            events: events_rx,
+            sandbox_pid: sandbox_pid.clone(),
+        };
+        let supervisor = std::thread::Builder::new()
+            .name("roma-supervisor".into())
+            .spawn(move || supervisor.run())
+            .map_err(|e| Error::io("spawn the supervisor thread", e))?;
         Ok(Engine {
             config,
             shards,
@@ -79,9 +103,24 @@ impl Engine {
             next_code: AtomicU64::new(1),
             next_exec: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
-            runner: Mutex::new(Some(launched.child)),
+            supervisor: Some(supervisor),
+            events,
+            sandbox_pid,
+            debug_log_dir,
             warnings: launched.warnings,
         })
+    }
+
+    /// Pid (on the host) of the sandbox's top process: the runner in `minimal`
+    /// mode, `runsc run` in the gVisor modes. Changes when the sandbox is restarted.
+    pub fn sandbox_pid(&self) -> u32 {
+        self.sandbox_pid.load(Ordering::Acquire)
+    }
+
+    /// Where `gvisor-debug` mode writes runsc's `--debug --strace` logs (kept after
+    /// shutdown).
+    pub fn debug_log_dir(&self) -> Option<&Path> {
+        self.debug_log_dir.as_deref()
     }
 
     /// The sandbox mode this engine runs in.
@@ -219,23 +258,10 @@ impl Engine {
         for s in &mut self.shards {
             s.shutdown_and_join();
         }
-        let child = match self.runner.lock() {
-            Ok(mut g) => g.take(),
-            Err(p) => p.into_inner().take(),
-        };
-        if let Some(mut child) = child {
-            // The runner exits on its own once every control connection is closed.
-            let deadline = Instant::now() + std::time::Duration::from_secs(5);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+        let _ = self.events.send(SupervisorEvent::Shutdown);
+        if let Some(t) = self.supervisor.take() {
+            if t.join().is_err() {
+                tracing::error!("the supervisor thread panicked");
             }
         }
     }
@@ -256,7 +282,7 @@ impl Engine {
             )));
         }
         if self.shards.iter().any(|s| s.is_runner_dead()) {
-            return Err(Error::Unavailable("the sandbox runner is not running; create a new engine".into()));
+            return Err(Error::Unavailable("the sandbox could not be restarted; create a new engine".into()));
         }
         let binary = Arc::new(sealed_memfd(bytes)?);
         Ok(self.register(binary, options.log_egress, options.workers))

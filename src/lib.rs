@@ -21,6 +21,7 @@ mod error;
 pub mod ipc;
 pub mod ring;
 pub mod sandbox;
+mod supervisor;
 mod token;
 pub mod udf_runner;
 

@@ -273,6 +273,9 @@ fn concurrent_executions_complete_exactly_once() {
     for mode in modes() {
         let e = Arc::new(engine(mode));
         let t = load(&e, "hello_world", 10);
+        // gVisor starts a glibc process in ~10 ms (ptrace platform): 2,000 queued
+        // executions need a long worker wait there.
+        let opts = || ExecuteOptions { worker_wait_timeout: Duration::from_secs(300), ..opts() };
         let ok = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use roma_byob::SyscallFilter;
+use roma_byob::{Mode, SyscallFilter};
 
 #[test]
 fn no_capabilities() {
@@ -31,9 +31,27 @@ fn filesystem_is_read_only_and_holds_only_the_library_mounts() {
         assert!(edit == "EROFS" || edit == "EACCES", "edit: {edit}");
         let del = probe(&e, &t, "delete_file", libc);
         assert!(del == "EROFS" || del == "EACCES", "delete: {del}");
-        assert_eq!(probe(&e, &t, "list_dir", "/"), "lib,lib64,usr");
-        for hidden in ["/proc", "/dev", "/tmp", "/etc", "/root"] {
-            assert_eq!(probe(&e, &t, "stat_path", hidden), "ENOENT", "{hidden} must not exist");
+        match mode {
+            Mode::Minimal => {
+                assert_eq!(probe(&e, &t, "list_dir", "/"), "lib,lib64,usr");
+                for hidden in ["/proc", "/dev", "/tmp", "/etc", "/root"] {
+                    assert_eq!(probe(&e, &t, "stat_path", hidden), "ENOENT", "{hidden} must not exist");
+                }
+            }
+            Mode::Gvisor | Mode::GvisorDebug => {
+                // The container root: libraries, the runner binary, gVisor's read-only
+                // /dev nodes, and empty read-only /proc, /sys and /tmp.
+                assert_eq!(probe(&e, &t, "list_dir", "/"), "dev,lib,lib64,proc,roma-byob-runner,sys,tmp,usr");
+                for empty in ["/proc", "/sys", "/tmp", "/dev/shm"] {
+                    assert_eq!(probe(&e, &t, "list_dir", empty), "", "{empty} must be empty");
+                }
+                for path in ["/dev/udf-was-here", "/dev/shm/udf-was-here", "/tmp/udf-was-here", "/proc/udf-was-here"] {
+                    assert_eq!(probe(&e, &t, "create_file", path), "EROFS", "{path}");
+                }
+                for hidden in ["/etc", "/root"] {
+                    assert_eq!(probe(&e, &t, "stat_path", hidden), "ENOENT", "{hidden} must not exist");
+                }
+            }
         }
         // Under the default filter the same attempts are refused too.
         let strict = engine(mode);
@@ -55,10 +73,14 @@ fn host_paths_and_sockets_are_not_visible() {
         assert_eq!(probe(&e, &t, "stat_path", exe.to_str().unwrap()), "ENOENT");
         assert_eq!(probe(&e, &t, "stat_path", "/run"), "ENOENT");
         assert_eq!(probe(&e, &t, "stat_path", "/var/run"), "ENOENT");
-        // No network: the runner's network namespace has no usable interface.
+        // No network. minimal: the runner's network namespace has no usable
+        // interface. gVisor: runsc --network=none, and each worker has a network
+        // namespace of its own (its loopback reaches nobody else).
         let net = probe(&e, &t, "network", "");
         assert_ne!(net, "ok", "network must be unreachable");
-        assert_ne!(net, "ECONNREFUSED", "loopback must not be reachable");
+        if mode == Mode::Minimal {
+            assert_ne!(net, "ECONNREFUSED", "loopback must not be reachable");
+        }
     }
 }
 

@@ -34,6 +34,17 @@ pub(crate) enum Cmd {
     Execute(ExecRequest),
     Cancel(u64),
     Delete(u64),
+    /// The supervisor restarted the sandbox: use this control connection.
+    Reconnect { epoch: u64, ctl: OwnedFd },
+    /// The sandbox cannot be restarted: fail everything from now on.
+    RunnerFatal(String),
+    Shutdown,
+}
+
+/// What shards tell the engine's supervisor.
+pub(crate) enum SupervisorEvent {
+    /// The runner connection of sandbox generation `epoch` is gone.
+    RunnerDied { epoch: u64 },
     Shutdown,
 }
 
@@ -58,8 +69,9 @@ pub(crate) struct ShardConfig {
 pub(crate) struct ShardShared {
     queue: Mutex<Vec<Cmd>>,
     eventfd: OwnedFd,
-    /// Set by the shard once its runner connection is gone.
+    /// Set by the shard when the sandbox cannot be restarted (or at shutdown).
     pub runner_dead: AtomicBool,
+    pub events: std::sync::mpsc::Sender<SupervisorEvent>,
 }
 
 /// The handle other threads use to reach one shard.
@@ -89,7 +101,11 @@ impl ShardShared {
 
 impl ShardHandle {
     /// Starts the shard thread; `ctl` is the host end of its runner connection.
-    pub(crate) fn start(config: ShardConfig, ctl: OwnedFd) -> Result<ShardHandle> {
+    pub(crate) fn start(
+        config: ShardConfig,
+        ctl: OwnedFd,
+        events: std::sync::mpsc::Sender<SupervisorEvent>,
+    ) -> Result<ShardHandle> {
         // SAFETY: plain eventfd creation.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -101,6 +117,7 @@ impl ShardHandle {
             queue: Mutex::new(Vec::new()),
             eventfd,
             runner_dead: AtomicBool::new(false),
+            events,
         });
         let ring = io_uring::IoUring::new(1024).map_err(|e| {
             Error::FailedPrecondition(format!(

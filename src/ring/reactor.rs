@@ -15,7 +15,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use prost::Message;
 
 use super::ctl::CtlOut;
-use super::{Cmd, ExecRequest, ShardConfig, ShardShared, TokenEntry};
+use super::{Cmd, ExecRequest, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
 use crate::ipc::frame::{self, Header};
@@ -104,6 +104,13 @@ pub(super) struct Reactor {
     config: ShardConfig,
     shared: Arc<ShardShared>,
     ctl: OwnedFd,
+    /// Sandbox generation this control connection belongs to.
+    epoch: u64,
+    /// Control-connection operations in the kernel (recv and send).
+    ctl_inflight: u32,
+    pending_reconnect: Option<(u64, OwnedFd)>,
+    /// Set when the sandbox cannot come back: every execution fails with it.
+    runner_fatal: Option<String>,
     ctl_buf: Box<[u8]>,
     ctl_decoder: frame::Decoder,
     ctl_out: CtlOut,
@@ -143,6 +150,10 @@ impl Reactor {
             config,
             shared,
             ctl,
+            epoch: 0,
+            ctl_inflight: 0,
+            pending_reconnect: None,
+            runner_fatal: None,
             ctl_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
             ctl_decoder: frame::Decoder::default(),
             ctl_out: CtlOut::default(),
@@ -170,6 +181,7 @@ impl Reactor {
         if self.runner_dead {
             // Nothing more goes to a dead runner.
         } else if let Some(sqe) = self.ctl_out.next_sqe(self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
+            self.ctl_inflight += 1;
             self.pending_sqes.push(sqe);
         }
         let mut i = 0;
@@ -201,6 +213,11 @@ impl Reactor {
             }
             if self.shutting_down {
                 break;
+            }
+            if self.ctl_inflight == 0 {
+                if let Some((epoch, ctl)) = self.pending_reconnect.take() {
+                    self.reconnect(epoch, ctl);
+                }
             }
             self.fire_timers();
             self.flush_sqes();
@@ -271,24 +288,23 @@ impl Reactor {
             Cmd::Execute(req) => self.execute(req),
             Cmd::Cancel(id) => self.cancel(id),
             Cmd::Delete(token) => self.delete(token),
+            Cmd::Reconnect { epoch, ctl } => self.pending_reconnect = Some((epoch, ctl)),
+            Cmd::RunnerFatal(why) => {
+                self.runner_fatal = Some(why.clone());
+                self.runner_dead = true;
+                self.shared.runner_dead.store(true, Ordering::Release);
+                self.fail_everything(&why);
+            }
             Cmd::Shutdown => self.shutting_down = true,
         }
     }
 
     fn load(&mut self, entry: Arc<TokenEntry>) {
         let slots = entry.per_shard[self.config.index].slots;
-        if self.runner_dead {
-            return;
-        }
-        let fd = match entry.binary.try_clone() {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot duplicate binary fd");
-                return;
-            }
-        };
-        self.ctl_out.push(host_to_runner::Msg::Load(Load { code_id: entry.id }), vec![fd]);
         let id = entry.id;
+        if !self.runner_dead {
+            self.send_load(&entry);
+        }
         self.tokens.insert(
             id,
             TokenState { entry, slots, live: 0, idle: VecDeque::new(), queue: VecDeque::new(), failures: 0, respawn_at: None },
@@ -296,10 +312,41 @@ impl Reactor {
         self.fill_slots(id);
     }
 
+    fn send_load(&mut self, entry: &TokenEntry) {
+        match entry.binary.try_clone() {
+            Ok(fd) => self.ctl_out.push(host_to_runner::Msg::Load(Load { code_id: entry.id }), vec![fd]),
+            Err(e) => tracing::error!(error = %e, "cannot duplicate a binary fd"),
+        }
+    }
+
+    /// Starts over with a restarted sandbox: every token is loaded again and its
+    /// slots filled; queued executions are served as workers become ready.
+    fn reconnect(&mut self, epoch: u64, ctl: OwnedFd) {
+        if self.runner_fatal.is_some() {
+            return;
+        }
+        self.ctl = ctl;
+        self.epoch = epoch;
+        self.ctl_out = CtlOut::default();
+        self.ctl_decoder = frame::Decoder::default();
+        self.runner_dead = false;
+        self.post_ctl_recv();
+        let entries: Vec<Arc<TokenEntry>> = self.tokens.values().map(|t| t.entry.clone()).collect();
+        for entry in entries {
+            self.send_load(&entry);
+            if let Some(t) = self.tokens.get_mut(&entry.id) {
+                t.failures = 0;
+                t.respawn_at = None;
+            }
+            self.fill_slots(entry.id);
+        }
+        tracing::info!(shard = self.config.index, epoch, "reconnected to the restarted sandbox");
+    }
+
     fn execute(&mut self, req: ExecRequest) {
         let ExecRequest { id, token, frame, worker_wait_timeout, timeout, sink, submitted } = req;
-        if self.runner_dead {
-            sink.complete(Err(Error::Unavailable("the sandbox runner is not running; create a new engine".into())));
+        if let Some(why) = &self.runner_fatal {
+            sink.complete(Err(Error::Unavailable(why.clone())));
             return;
         }
         if !self.tokens.contains_key(&token) {
@@ -564,11 +611,18 @@ impl Reactor {
         let gen = ((user_data >> 32) & 0xff_ffff) as u32;
         match kind {
             K_EVENTFD => self.post_eventfd_read(),
-            K_CTL_RECV => self.on_ctl_recv(res),
+            K_CTL_RECV => {
+                self.ctl_inflight -= 1;
+                self.on_ctl_recv(res);
+            }
             K_CTL_SEND => {
+                self.ctl_inflight -= 1;
                 match self.ctl_out.on_complete(res, self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
-                    Ok(Some(sqe)) => self.push_sqe(sqe),
-                    Ok(None) => {}
+                    Ok(Some(sqe)) if !self.runner_dead => {
+                        self.ctl_inflight += 1;
+                        self.push_sqe(sqe);
+                    }
+                    Ok(_) => {}
                     Err(e) => self.runner_gone(&format!("cannot send to the sandbox runner: {e}")),
                 }
             }
@@ -603,10 +657,14 @@ impl Reactor {
         let sqe = opcode::Recv::new(types::Fd(self.ctl.as_raw_fd()), self.ctl_buf.as_mut_ptr(), self.ctl_buf.len() as u32)
             .build()
             .user_data(ud(K_CTL_RECV, 0, 0));
+        self.ctl_inflight += 1;
         self.push_sqe(sqe);
     }
 
     fn on_ctl_recv(&mut self, res: i32) {
+        if self.runner_dead {
+            return;
+        }
         if res <= 0 {
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 self.post_ctl_recv();
@@ -932,14 +990,39 @@ impl Reactor {
 
     // ----- failure of the whole shard ------------------------------------------
 
+    /// The sandbox is gone: in-flight executions fail, workers are forgotten, and
+    /// the supervisor is told so it can restart the sandbox. Queued executions wait
+    /// (within their worker-wait timeout) for the restarted sandbox.
     fn runner_gone(&mut self, why: &str) {
         if self.runner_dead {
             return;
         }
-        tracing::error!(shard = self.config.index, "{why}");
+        tracing::error!(shard = self.config.index, epoch = self.epoch, "{why}");
         self.runner_dead = true;
-        self.shared.runner_dead.store(true, Ordering::Release);
-        self.fail_everything(why);
+        // SAFETY: shutting down our own socket so pending control ops complete.
+        unsafe { libc::shutdown(self.ctl.as_raw_fd(), libc::SHUT_RDWR) };
+        let msg = format!("{why}; the execution's worker was lost (the sandbox is being restarted)");
+        let busy: Vec<u64> = self.execs.iter().filter(|(_, e)| e.worker.is_some()).map(|(id, _)| *id).collect();
+        for id in busy {
+            self.complete(id, Err(Error::Unavailable(msg.clone())));
+        }
+        for key in 0..self.workers.len() as u32 {
+            if let Some(w) = self.worker(key) {
+                w.exited.get_or_insert(0);
+                w.state = WState::Finished;
+                if let Some(fd) = w.fd.as_ref() {
+                    // SAFETY: shutting down a socket we own.
+                    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+                self.maybe_free(key);
+            }
+        }
+        for t in self.tokens.values_mut() {
+            t.live = 0;
+            t.idle.clear();
+            t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+        }
+        let _ = self.shared.events.send(SupervisorEvent::RunnerDied { epoch: self.epoch });
     }
 
     fn fail_everything(&mut self, why: &str) {

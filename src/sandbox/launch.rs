@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
+use super::gvisor::GvisorState;
 use crate::ipc::control::{runner_to_host, RunnerToHost};
 use crate::ipc::frame;
 use crate::udf_runner::RunnerArgs;
@@ -43,82 +44,197 @@ pub fn find_runner(config: &Config) -> Result<PathBuf> {
     })
 }
 
-/// A started runner: the process and the host ends of its control connections.
+/// A running sandbox: the runner (minimal) or `runsc run` (gVisor) process.
+pub struct Sandbox {
+    child: Child,
+    /// gVisor container id, when in a gVisor mode.
+    container: Option<String>,
+}
+
+/// A started sandbox and the host ends of its control connections.
 pub struct Launched {
-    pub child: Child,
+    pub sandbox: Sandbox,
     pub controls: Vec<OwnedFd>,
     pub warnings: Vec<String>,
 }
 
-/// Starts the runner for `config` with `shards` control connections and waits until
-/// it reports that its sandbox is set up.
-pub fn launch(config: &Config, runner: &Path, shards: usize) -> Result<Launched> {
-    if config.mode != Mode::Minimal {
-        return Err(Error::FailedPrecondition(format!(
-            "mode {} is not available in this build; use Mode::Minimal",
-            config.mode.as_str()
-        )));
+/// Everything needed to (re)start the sandbox of one engine.
+pub struct Launcher {
+    config: Config,
+    runner: PathBuf,
+    shards: usize,
+    gvisor: Option<GvisorState>,
+}
+
+impl Launcher {
+    /// Prepares the mode (for gVisor: finds runsc, writes the bundle).
+    pub fn new(config: &Config, shards: usize) -> Result<Launcher> {
+        let runner = find_runner(config)?;
+        let gvisor = match config.mode {
+            Mode::Minimal => None,
+            Mode::Gvisor | Mode::GvisorDebug => {
+                let args = runner_args(config, shards, true).to_args();
+                Some(GvisorState::create(config, &runner, &args)?)
+            }
+        };
+        Ok(Launcher { config: config.clone(), runner, shards, gvisor })
     }
-    let mut host_ends = Vec::new();
-    let mut runner_ends = Vec::new();
-    for _ in 0..shards {
-        let (h, r) = crate::ipc::fdpass::stream_pair().map_err(|e| Error::io("socketpair", e))?;
-        host_ends.push(h);
-        runner_ends.push(r);
+
+    /// Where gvisor-debug writes runsc's logs.
+    pub fn debug_log_dir(&self) -> Option<&Path> {
+        self.gvisor.as_ref().and_then(|g| g.debug_logs.as_deref())
     }
-    let args = RunnerArgs {
+
+    /// Starts a sandbox and waits until the runner reports that it is set up.
+    pub fn launch(&mut self) -> Result<Launched> {
+        let shards = self.shards;
+        let mut host_ends = Vec::new();
+        let mut runner_ends = Vec::new();
+        for _ in 0..shards {
+            let (h, r) = crate::ipc::fdpass::stream_pair().map_err(|e| Error::io("socketpair", e))?;
+            host_ends.push(h);
+            runner_ends.push(r);
+        }
+        let (child, container) = match self.gvisor.as_mut() {
+            None => (self.spawn_minimal(&runner_ends)?, None),
+            Some(g) => {
+                let (mut cmd, id) = g.command();
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(g.runner_log(&id))
+                    .map_err(|e| Error::io("create the runner log", e))?;
+                // runsc passes no extra fds: control 0 is the runner's stdin.
+                let stdin = runner_ends[0].try_clone().map_err(|e| Error::io("dup control fd", e))?;
+                cmd.stdin(Stdio::from(stdin)).stdout(Stdio::null()).stderr(Stdio::from(log));
+                let child = cmd.spawn().map_err(|e| Error::io(&format!("start {}", g.runsc.display()), e))?;
+                // The other control connections travel over the first one.
+                if shards > 1 {
+                    let extra: Vec<RawFd> = runner_ends[1..].iter().map(|f| f.as_raw_fd()).collect();
+                    crate::ipc::fdpass::send_with_fds(host_ends[0].as_raw_fd(), &[0], &extra)
+                        .map_err(|e| Error::io("pass control connections to the sandbox", e))?;
+                }
+                (child, Some(id))
+            }
+        };
+        drop(runner_ends);
+        let mut sandbox = Sandbox { child, container };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut warnings = Vec::new();
+        for (i, ctl) in host_ends.iter().enumerate() {
+            match wait_started(ctl, deadline) {
+                Ok(w) => {
+                    if i == 0 {
+                        warnings = w;
+                    }
+                }
+                Err(e) => {
+                    let detail = match (&self.gvisor, &sandbox.container) {
+                        (Some(g), Some(id)) => {
+                            let tail = g.log_tail(id);
+                            if tail.is_empty() { String::new() } else { format!(" (runner log: {tail})") }
+                        }
+                        _ => String::new(),
+                    };
+                    self.destroy(&mut sandbox);
+                    return Err(match e {
+                        Error::Unavailable(m) => Error::Unavailable(format!("{m}{detail}")),
+                        Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{m}{detail}")),
+                        other => other,
+                    });
+                }
+            }
+        }
+        Ok(Launched { sandbox, controls: host_ends, warnings })
+    }
+
+    fn spawn_minimal(&self, runner_ends: &[OwnedFd]) -> Result<Child> {
+        let args = runner_args(&self.config, self.shards, false);
+        let raw_ends: Vec<RawFd> = runner_ends.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = Command::new(&self.runner);
+        cmd.args(args.to_args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        // SAFETY: the closure only calls async-signal-safe fcntl/dup2/close_range.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Move the ends out of the way first, then down to 3, 4, ...
+                let mut high = Vec::with_capacity(raw_ends.len());
+                for &fd in &raw_ends {
+                    let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                    if h < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    high.push(h);
+                }
+                for (i, &h) in high.iter().enumerate() {
+                    if libc::dup2(h, FIRST_CONTROL_FD + i as RawFd) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                let first_free = (FIRST_CONTROL_FD as u32) + high.len() as u32;
+                libc::syscall(libc::SYS_close_range, first_free, i32::MAX as u32, 0);
+                Ok(())
+            });
+        }
+        cmd.spawn().map_err(|e| Error::io(&format!("start {}", self.runner.display()), e))
+    }
+
+    /// Waits up to `grace` for a sandbox whose control connections were closed to
+    /// exit, kills it otherwise, and removes its gVisor container.
+    pub fn stop(&self, sandbox: &mut Sandbox, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            match sandbox.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                _ => {
+                    let _ = sandbox.child.kill();
+                    let _ = sandbox.child.wait();
+                    break;
+                }
+            }
+        }
+        if let (Some(g), Some(id)) = (&self.gvisor, sandbox.container.take()) {
+            g.delete(&id);
+        }
+    }
+
+    /// Kills a sandbox at once and removes its gVisor container.
+    pub fn destroy(&self, sandbox: &mut Sandbox) {
+        self.stop(sandbox, Duration::ZERO);
+    }
+
+    /// Removes the mode's state directory (after the last sandbox is gone).
+    pub fn cleanup(&mut self) {
+        if let Some(g) = self.gvisor.take() {
+            g.remove();
+        }
+    }
+}
+
+impl Sandbox {
+    /// Pid of the sandbox's top process on the host (the runner in `minimal` mode,
+    /// `runsc run` in the gVisor modes).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the sandbox process has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+fn runner_args(config: &Config, shards: usize, gvisor: bool) -> RunnerArgs {
+    RunnerArgs {
         mode: config.mode.as_str().to_string(),
         filter: config.syscall_filter.as_str().to_string(),
         lib_mounts: config.lib_mounts.clone(),
-        control_fds: (0..shards as RawFd).map(|i| FIRST_CONTROL_FD + i).collect(),
+        control_fds: if gvisor { vec![0] } else { (0..shards as RawFd).map(|i| FIRST_CONTROL_FD + i).collect() },
         rlimit_as: config.memory_limit.map(|m| (m.soft_bytes, m.hard_bytes)),
         max_log_bytes: config.max_log_bytes,
         scratch: PathBuf::from("/tmp"),
-    };
-    let raw_ends: Vec<RawFd> = runner_ends.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new(runner);
-    cmd.args(args.to_args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-    // SAFETY: the closure only calls async-signal-safe fcntl/dup2/close_range.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move the ends out of the way first, then down to 3, 4, ...
-            let mut high = Vec::with_capacity(raw_ends.len());
-            for &fd in &raw_ends {
-                let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
-                if h < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                high.push(h);
-            }
-            for (i, &h) in high.iter().enumerate() {
-                if libc::dup2(h, FIRST_CONTROL_FD + i as RawFd) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            let first_free = (FIRST_CONTROL_FD as u32) + high.len() as u32;
-            libc::syscall(libc::SYS_close_range, first_free, u32::MAX, 0);
-            Ok(())
-        });
+        receive_controls: if gvisor { shards - 1 } else { 0 },
     }
-    let child = cmd.spawn().map_err(|e| Error::io(&format!("start {}", runner.display()), e))?;
-    drop(runner_ends);
-    let mut launched = Launched { child, controls: host_ends, warnings: Vec::new() };
-    let deadline = Instant::now() + START_TIMEOUT;
-    for i in 0..shards {
-        match wait_started(&launched.controls[i], deadline) {
-            Ok(w) => {
-                if i == 0 {
-                    launched.warnings = w;
-                }
-            }
-            Err(e) => {
-                let _ = launched.child.kill();
-                let _ = launched.child.wait();
-                return Err(e);
-            }
-        }
-    }
-    Ok(launched)
 }
 
 fn wait_started(fd: &OwnedFd, deadline: Instant) -> Result<Vec<String>> {

@@ -27,6 +27,9 @@ pub struct RunnerArgs {
     pub rlimit_as: Option<(u64, u64)>,
     pub max_log_bytes: u64,
     pub scratch: PathBuf,
+    /// gVisor: further control connections arrive as SCM_RIGHTS fds on the first
+    /// one (runsc cannot pass extra fds to the container).
+    pub receive_controls: usize,
 }
 
 impl RunnerArgs {
@@ -48,6 +51,10 @@ impl RunnerArgs {
         v.push(self.max_log_bytes.to_string());
         v.push("--scratch".into());
         v.push(self.scratch.display().to_string());
+        if self.receive_controls > 0 {
+            v.push("--receive-controls".into());
+            v.push(self.receive_controls.to_string());
+        }
         v
     }
 
@@ -73,6 +80,9 @@ impl RunnerArgs {
                 }
                 "--max-log-bytes" => out.max_log_bytes = value()?.parse().map_err(|_| "bad --max-log-bytes")?,
                 "--scratch" => out.scratch = value()?.into(),
+                "--receive-controls" => {
+                    out.receive_controls = value()?.parse().map_err(|_| "bad --receive-controls")?
+                }
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -106,6 +116,9 @@ struct Runner {
     /// The compiled worker program and the fprog pointing into it (kept together so
     /// the pointer stays valid).
     worker_filter: Option<(seccomp::Program, libc::sock_fprog)>,
+    /// gVisor cannot exec a host memfd reliably (ENXIO; `/proc/self/exe` would read
+    /// `host:[N]`): binaries are copied into a sandbox memfd at load.
+    copy_binaries: bool,
     rlimit_as: Option<libc::rlimit>,
     rlimit_fsize: libc::rlimit,
 }
@@ -150,13 +163,41 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         .write(true)
         .open("/dev/null")
         .map_err(|e| format!("open /dev/null: {e}"))?;
+    let mut control_fds: Vec<OwnedFd> = args
+        .control_fds
+        .iter()
+        // SAFETY: the engine passed these fds to us; nothing else owns them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if args.receive_controls > 0 {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 16];
+        while got.len() < args.receive_controls {
+            let n = fdpass::recv_with_fds(control_fds[0].as_raw_fd(), &mut byte, &mut got)
+                .map_err(|e| format!("receive control connections: {e}"))?;
+            if n == 0 {
+                return Err("the engine closed the control connection during start-up".into());
+            }
+        }
+        control_fds.extend(got);
+    }
     let mut warnings = Vec::new();
-    match args.mode.as_str() {
+    let gvisor = match args.mode.as_str() {
         "minimal" => {
             warnings.extend(rootfs::enter_minimal_root(&args.lib_mounts, &args.scratch).map_err(|e| format!("minimal sandbox: {e}"))?);
+            false
+        }
+        "gvisor" | "gvisor-debug" => {
+            // The OCI bundle made the container's root the read-only worker root, and
+            // runsc gave the runner fresh namespaces with no network. This runsc
+            // rejects MS_REC, remount and pivot_root, so the runner does no mount work.
+            warnings.push(
+                "gvisor: the runner does not build its own user/mount namespace and pivoted root; the container's read-only OCI root (libraries, runner binary, read-only /dev with null, read-only /tmp) and gVisor's synthetic read-only /sys serve as the worker root".into(),
+            );
+            true
         }
         other => return Err(format!("unsupported mode {other:?}")),
-    }
+    };
     let worker_filter = match args.filter.as_str() {
         "no" | "worker-engine" => None,
         "untrusted" => {
@@ -184,12 +225,10 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         libc::sigaddset(&mut set, libc::SIGCHLD);
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    let conns = args
-        .control_fds
-        .iter()
-        .map(|&fd| Conn {
-            // SAFETY: the engine passed these fds to us; nothing else owns them.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+    let conns = control_fds
+        .into_iter()
+        .map(|fd| Conn {
+            fd,
             decoder: frame::Decoder::default(),
             fds: Default::default(),
             binaries: HashMap::new(),
@@ -203,9 +242,12 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         Runner {
             conns,
             pids: HashMap::new(),
-            spawner: Spawner::default(),
+            // Minimal mode: the runner's own network namespace is empty, workers share
+            // it. gVisor: the container has a loopback, so each worker gets its own.
+            spawner: Spawner::new(if gvisor { libc::CLONE_NEWNET } else { 0 }),
             devnull: devnull.into(),
             worker_filter,
+            copy_binaries: gvisor,
             rlimit_as,
             rlimit_fsize: libc::rlimit { rlim_cur: fsize, rlim_max: fsize },
         },
@@ -357,7 +399,10 @@ impl Runner {
         match msg {
             host_to_runner::Msg::Load(load) => {
                 let conn = &mut self.conns[idx];
-                let fd = conn.fds.pop_front().ok_or("Load without its binary fd")?;
+                let mut fd = conn.fds.pop_front().ok_or("Load without its binary fd")?;
+                if self.copy_binaries {
+                    fd = copy_to_memfd(&fd).map_err(|e| format!("copy binary into the sandbox: {e}"))?;
+                }
                 conn.binaries.insert(load.code_id, fd);
             }
             host_to_runner::Msg::Unload(unload) => {
@@ -419,4 +464,28 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Copies a received binary into a memfd owned by this (sandboxed) process.
+fn copy_to_memfd(src: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: static NUL-terminated name; returns a fresh fd.
+    let fd = unsafe { libc::memfd_create(c"roma-byob-udf".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd owned by us.
+    let out = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let input = std::fs::File::from(src.try_clone()?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = input.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(out.into())
 }

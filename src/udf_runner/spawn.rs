@@ -43,6 +43,9 @@ const STACK_SIZE: usize = 64 * 1024;
 /// Reusable spawner (owns the child stack).
 pub struct Spawner {
     stack: Vec<u128>,
+    /// Namespace flags beyond user/PID/IPC/UTS (gVisor: a network namespace per
+    /// worker, since the container's loopback is shared otherwise).
+    extra_flags: libc::c_int,
 }
 
 #[repr(C)]
@@ -90,7 +93,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         // Everything above the channel becomes close-on-exec (the binary fd included:
         // execveat of an ELF binary works on a close-on-exec fd).
-        step!(3, libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int);
+        // Upper bound INT_MAX, not UINT_MAX: gVisor rejects larger bounds with EINVAL.
+        step!(3, libc::syscall(libc::SYS_close_range, 4u32, i32::MAX as u32, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int);
         step!(4, libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0));
         if let Some(lim) = plan.rlimit_as.as_ref() {
             step!(5, libc::setrlimit(libc::RLIMIT_AS, lim));
@@ -127,13 +131,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-impl Default for Spawner {
-    fn default() -> Self {
-        Spawner { stack: vec![0u128; STACK_SIZE / 16] }
-    }
-}
-
 impl Spawner {
+    /// A spawner adding `extra_flags` (CLONE_NEW* only) to every worker's clone.
+    pub fn new(extra_flags: libc::c_int) -> Spawner {
+        Spawner { stack: vec![0u128; STACK_SIZE / 16], extra_flags }
+    }
+
     /// Starts one worker and returns its pid once it has exec'd the UDF.
     pub fn spawn(&mut self, plan: &SpawnPlan) -> io::Result<libc::pid_t> {
         let mut ctx = ChildCtx {
@@ -149,6 +152,7 @@ impl Spawner {
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS
+            | self.extra_flags
             | libc::SIGCHLD;
         // SAFETY: the stack top is within our allocation and 16-byte aligned; with
         // CLONE_VFORK the parent is suspended until the child execs or exits, so
