@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::{Config, Error, Mode, Result};
 
 /// Oldest runsc build known to work (Debian's 0.0~20221219).
-const MIN_RUNSC_DATE: u32 = 2022_12_19;
+const MIN_RUNSC_DATE: u32 = 20221219;
 const RUNNER_IN_SANDBOX: &str = "/roma-byob-runner";
 
 /// Where a gVisor engine keeps its state. Removed on shutdown (debug logs excepted).
@@ -235,9 +235,9 @@ mod tests {
 
     #[test]
     fn runsc_version_dates() {
-        assert_eq!(version_date("runsc version 0.0~20221219.0\nspec: 1.0.2-dev"), Some(2022_12_19));
-        assert_eq!(version_date("runsc version release-20231009.0"), Some(2023_10_09));
-        assert_eq!(version_date("runsc version 0.0~20210101.0"), Some(2021_01_01));
+        assert_eq!(version_date("runsc version 0.0~20221219.0\nspec: 1.0.2-dev"), Some(20221219));
+        assert_eq!(version_date("runsc version release-20231009.0"), Some(20231009));
+        assert_eq!(version_date("runsc version 0.0~20210101.0"), Some(20210101));
         assert_eq!(version_date("runsc version unknown"), None);
     }
 }
