@@ -106,7 +106,9 @@ fn demo_runs_real_executions_and_says_which_mode() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("mode: minimal"), "{text}");
+    // The best mode available: gvisor when runsc is installed.
+    let best = if modes().contains(&roma_byob::Mode::Gvisor) { "mode: gvisor" } else { "mode: minimal" };
+    assert!(text.contains(best), "{text}");
     assert!(text.contains("executions/s (0 failed)"), "{text}");
     assert!(text.contains("\"Hello, world!\""), "{text}");
 }

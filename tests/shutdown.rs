@@ -32,6 +32,22 @@ fn children_of_self() -> Vec<String> {
     kids
 }
 
+/// Processes anywhere on the host whose command line names one of our gVisor
+/// containers (runsc run, runsc-sandbox, runsc-gofer).
+fn our_runsc_processes() -> Vec<String> {
+    let needle = format!("roma-byob-{}-", std::process::id());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("runsc") && cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn shutdown_completes_pending_executions_and_leaves_nothing_behind() {
     for mode in modes() {
@@ -48,13 +64,17 @@ fn shutdown_completes_pending_executions_and_leaves_nothing_behind() {
             .map(|_| e.execute::<_, SampleResponse>(&hang, &SampleRequest::default(), opts()).unwrap())
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(300));
-        assert!(!children_of_self().is_empty(), "the runner runs as our child");
+        assert!(!children_of_self().is_empty(), "the sandbox runs as our child");
+        if mode != roma_byob::Mode::Minimal {
+            assert!(!our_runsc_processes().is_empty(), "runsc runs the sandbox");
+        }
         e.shutdown();
         for p in pending {
             let err = p.wait().unwrap_err();
             assert_eq!(err.code(), Code::Unavailable, "{err}");
         }
         assert_eq!(children_of_self(), Vec::<String>::new(), "runner and workers are gone");
+        assert_eq!(our_runsc_processes(), Vec::<String>::new(), "no runsc process left");
         assert_eq!(fd_count(), fds_before, "no fd leaked");
         let tmp_after: Vec<_> = std::fs::read_dir("/tmp").unwrap().flatten().map(|e| e.file_name()).collect();
         let new: Vec<_> = tmp_after.iter().filter(|n| !tmp_before.contains(n)).collect();

@@ -61,6 +61,9 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     for w in engine.isolation_warnings() {
         println!("  isolation step not applied in this mode: {w}");
     }
+    if let Some(dir) = engine.debug_log_dir() {
+        println!("  runsc debug logs: {}", dir.display());
+    }
     let opts = ExecuteOptions::default();
     let req = SampleRequest::default();
 

@@ -49,7 +49,11 @@ impl EngineArgs {
             let mode: Mode = m.parse().map_err(|e: roma_byob::Error| e.to_string())?;
             return Ok((mode, "chosen with --mode".into()));
         }
-        Ok((Mode::Minimal, "the best mode in this build (gVisor modes are not part of it yet)".into()))
+        let probe = Config { mode: Mode::Gvisor, ..Default::default() };
+        match roma_byob::sandbox::gvisor::find_runsc(&probe) {
+            Ok(path) => Ok((Mode::Gvisor, format!("the best available: runsc found at {}", path.display()))),
+            Err(e) => Ok((Mode::Minimal, format!("gVisor unavailable: {}", e.message()))),
+        }
     }
 
     pub fn config(&self, mode: Mode) -> Result<Config, String> {

@@ -192,7 +192,7 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
             // runsc gave the runner fresh namespaces with no network. This runsc
             // rejects MS_REC, remount and pivot_root, so the runner does no mount work.
             warnings.push(
-                "gvisor: the runner does not build its own user/mount namespace and pivoted root; the container's read-only OCI root (libraries, runner binary, read-only /dev with null, read-only /tmp) and gVisor's synthetic read-only /sys serve as the worker root".into(),
+                "gvisor: no user namespace, pivot_root or read-only remount of the runner's own (this runsc rejects MS_REC, remount and pivot_root); the container's read-only OCI root stands in: libraries, the runner binary, gVisor's read-only /dev nodes, and empty read-only /proc, /sys and /tmp".into(),
             );
             true
         }

@@ -1,0 +1,50 @@
+//! A sandbox that dies (its top process killed) fails the in-flight executions with
+//! `Unavailable`; the engine restarts it, re-creates every code token's workers, and
+//! later executions succeed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Code, ExecuteOptions};
+
+#[test]
+fn killed_sandbox_is_restarted_and_tokens_work_again() {
+    for mode in modes() {
+        let e = engine(mode);
+        let hang = load(&e, "never_answer", 1);
+        let hello_token = load(&e, "hello_world", 2);
+        assert_eq!(hello(&e, &hello_token).unwrap(), "Hello, world!");
+        let in_flight = e.execute::<_, SampleResponse>(&hang, &SampleRequest::default(), opts()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+
+        let pid = e.sandbox_pid();
+        // SAFETY: signalling the engine's own child process.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+
+        let err = in_flight.wait().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
+
+        let patient = ExecuteOptions { worker_wait_timeout: Duration::from_secs(60), ..opts() };
+        let r = e
+            .execute::<_, SampleResponse>(&hello_token, &SampleRequest::default(), patient.clone())
+            .unwrap()
+            .wait()
+            .unwrap_or_else(|err| panic!("{mode:?}: after the restart: {err}"));
+        assert_eq!(r.response.greeting, "Hello, world!");
+        assert_ne!(e.sandbox_pid(), pid, "a new sandbox process");
+
+        // The other token got its worker back too: it takes the request (and times
+        // out), rather than finding no worker.
+        let o = ExecuteOptions { timeout: Duration::from_millis(300), ..patient };
+        let err = e.execute::<_, SampleResponse>(&hang, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+        assert!(err.message().contains("timeout"), "{err}");
+
+        // New loads work on the restarted sandbox.
+        let fresh = load(&e, "new_udf", 1);
+        assert_eq!(hello(&e, &fresh).unwrap(), "I am a new UDF!");
+    }
+}
