@@ -138,11 +138,16 @@ pub struct LoadOptions {
     pub workers: usize,
     /// Capture each execution's stdout/stderr and return them with the response.
     pub log_egress: bool,
+    /// Shared-memory transport: each worker gets a fresh memfd region of this many
+    /// bytes; requests and responses travel through it with a one-byte doorbell on
+    /// the socket (see README, "Shared-memory transport"). The UDF must support it.
+    /// `None`: plain Roma protocol on the socket.
+    pub shared_memory: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
-        LoadOptions { workers: 1, log_egress: false }
+        LoadOptions { workers: 1, log_egress: false, shared_memory: None }
     }
 }
 

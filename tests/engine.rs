@@ -50,7 +50,7 @@ fn load_from_blob() {
     for mode in modes() {
         let e = engine(mode);
         let bytes = std::fs::read(sample("new_udf")).unwrap();
-        let t = e.load_blob(&bytes, LoadOptions { workers: 1, log_egress: false }).unwrap();
+        let t = e.load_blob(&bytes, LoadOptions { workers: 1, ..Default::default() }).unwrap();
         assert_eq!(hello(&e, &t).unwrap(), "I am a new UDF!");
     }
 }
@@ -110,7 +110,7 @@ fn no_log_egress_by_default() {
 fn log_egress_by_choice() {
     for mode in modes() {
         let e = engine(mode);
-        let t = e.load(sample("log_udf"), LoadOptions { workers: 1, log_egress: true }).unwrap();
+        let t = e.load(sample("log_udf"), LoadOptions { workers: 1, log_egress: true, ..Default::default() }).unwrap();
         for _ in 0..2 {
             let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
             let logs = r.logs.unwrap();
@@ -232,7 +232,7 @@ fn bad_input_fails_at_the_call() {
         let err = e.load_blob(b"garbage", LoadOptions::default()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
-        let err = e.load(sample("hello_world"), LoadOptions { workers: 0, log_egress: false }).unwrap_err();
+        let err = e.load(sample("hello_world"), LoadOptions { workers: 0, ..Default::default() }).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         assert!(err.message().contains("workers"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -69,7 +69,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
 
     // Load with one worker: the call itself, then until the first response.
     let t1 = Instant::now();
-    let one = engine.load(&binary, LoadOptions { workers: 1, log_egress: false }).map_err(|e| e.to_string())?;
+    let one = engine.load(&binary, LoadOptions { workers: 1, ..Default::default() }).map_err(|e| e.to_string())?;
     let load_call = t1.elapsed();
     let first = engine.execute::<_, SampleResponse>(&one, &req, opts.clone()).map_err(|e| e.to_string())?.wait();
     let first_done = t1.elapsed();
@@ -78,7 +78,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         load_call.as_secs_f64() * 1e3, first_done.as_secs_f64() * 1e3);
     engine.delete(&one).map_err(|e| e.to_string())?;
 
-    let token = engine.load(&binary, LoadOptions { workers: a.workers, log_egress: false }).map_err(|e| e.to_string())?;
+    let token = engine.load(&binary, LoadOptions { workers: a.workers, ..Default::default() }).map_err(|e| e.to_string())?;
     // Warm the pool.
     for _ in 0..a.workers.max(1) * 2 {
         engine.execute::<_, SampleResponse>(&token, &req, opts.clone()).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;

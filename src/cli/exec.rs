@@ -58,7 +58,7 @@ pub fn run(a: ExecArgs) -> Result<(), String> {
     };
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
     let token = engine
-        .load(&a.binary, LoadOptions { workers: a.workers, log_egress: a.log })
+        .load(&a.binary, LoadOptions { workers: a.workers, log_egress: a.log, ..Default::default() })
         .map_err(|e| e.to_string())?;
     let opts = ExecuteOptions { timeout: Duration::from_millis(a.timeout_ms), ..Default::default() };
     let done = engine.execute_raw(&token, &request, opts).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;

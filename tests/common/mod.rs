@@ -45,7 +45,7 @@ pub fn sample(name: &str) -> PathBuf {
 
 pub fn load(engine: &Engine, name: &str, workers: usize) -> CodeToken {
     engine
-        .load(sample(name), LoadOptions { workers, log_egress: false })
+        .load(sample(name), LoadOptions { workers, ..Default::default() })
         .unwrap_or_else(|e| panic!("load {name}: {e}"))
 }
 
