@@ -175,8 +175,8 @@ impl Engine {
     /// stdout/stderr are captured. It stays valid after `token` is deleted.
     pub fn load_for_logging(&self, token: &CodeToken, workers: usize) -> Result<CodeToken> {
         check_workers(workers)?;
-        let binary = self.token(token)?.binary.clone();
-        Ok(self.register(binary, true, workers))
+        let entry = self.token(token)?;
+        Ok(self.register(entry.binary.clone(), true, entry.shm, workers))
     }
 
     /// Deletes a code token: its workers are killed and every pending execution of it
@@ -284,11 +284,19 @@ impl Engine {
         if self.shards.iter().any(|s| s.is_runner_dead()) {
             return Err(Error::Unavailable("the sandbox could not be restarted; create a new engine".into()));
         }
+        if let Some(size) = options.shared_memory {
+            if size < crate::ipc::shm::HEADER + 64 {
+                return Err(Error::InvalidArgument(format!(
+                    "shared_memory region of {size} bytes is too small (at least {} bytes)",
+                    crate::ipc::shm::HEADER + 64
+                )));
+            }
+        }
         let binary = Arc::new(sealed_memfd(bytes)?);
-        Ok(self.register(binary, options.log_egress, options.workers))
+        Ok(self.register(binary, options.log_egress, options.shared_memory, options.workers))
     }
 
-    fn register(&self, binary: Arc<OwnedFd>, log: bool, workers: usize) -> CodeToken {
+    fn register(&self, binary: Arc<OwnedFd>, log: bool, shm: Option<usize>, workers: usize) -> CodeToken {
         let id = self.next_code.fetch_add(1, Ordering::Relaxed);
         let n = self.shards.len();
         let start = (id as usize) % n;
@@ -299,7 +307,7 @@ impl Engine {
                 ShardSlots { slots, idle: AtomicUsize::new(0) }
             })
             .collect();
-        let entry = Arc::new(TokenEntry { id, binary, log, per_shard });
+        let entry = Arc::new(TokenEntry { id, binary, log, shm, per_shard });
         match self.tokens.write() {
             Ok(mut t) => t.insert(id, entry.clone()),
             Err(p) => p.into_inner().insert(id, entry.clone()),
@@ -314,6 +322,17 @@ impl Engine {
 
     fn submit(&self, token: &CodeToken, frame: Vec<u8>, options: &ExecuteOptions, sink: Sink) -> Result<ExecutionToken> {
         let entry = self.token(token)?;
+        if let Some(size) = entry.shm {
+            let body = match crate::ipc::frame::parse_header(&frame) {
+                crate::ipc::frame::Header::Complete { len, .. } => len as usize,
+                _ => frame.len(),
+            };
+            if !crate::ipc::shm::fits(size, body) {
+                return Err(Error::InvalidArgument(format!(
+                    "request of {body} bytes does not fit code token {token}'s shared-memory region of {size} bytes; load it with a larger LoadOptions::shared_memory"
+                )));
+            }
+        }
         let n = self.shards.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let mut chosen = None;

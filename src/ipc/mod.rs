@@ -3,6 +3,7 @@
 
 pub mod fdpass;
 pub mod frame;
+pub mod shm;
 
 /// Control protocol between the host engine and the runner (proto/control.proto).
 pub mod control {

@@ -26,6 +26,8 @@ pub(crate) struct TokenEntry {
     pub id: u64,
     pub binary: Arc<OwnedFd>,
     pub log: bool,
+    /// Shared-memory region size per worker, when the token uses that transport.
+    pub shm: Option<usize>,
     pub per_shard: Vec<ShardSlots>,
 }
 

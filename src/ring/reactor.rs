@@ -20,6 +20,7 @@ use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
 use crate::ipc::frame::{self, Header};
 use crate::ipc::fdpass;
+use crate::ipc::shm::Region;
 use crate::Error;
 
 const K_EVENTFD: u64 = 1;
@@ -61,6 +62,9 @@ struct WorkerConn {
     exec: Option<u64>,
     exited: Option<i32>,
     logs: Option<(OwnedFd, OwnedFd)>,
+    /// Shared-memory transport: the worker's region and the request length placed
+    /// in it.
+    shm: Option<(Region, usize)>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
 }
@@ -437,6 +441,7 @@ impl Reactor {
     fn spawn_worker(&mut self, token: u64) -> std::io::Result<()> {
         let Some(t) = self.tokens.get_mut(&token) else { return Ok(()) };
         let log = t.entry.log;
+        let shm_size = t.entry.shm;
         let (host_end, runner_end) = fdpass::stream_pair()?;
         let mut fds = vec![runner_end];
         let logs = if log {
@@ -448,10 +453,19 @@ impl Reactor {
         } else {
             None
         };
+        let shm = match shm_size {
+            Some(size) => {
+                let region = Region::create(size)?;
+                fds.push(region.fd().try_clone()?);
+                Some((region, 0))
+            }
+            None => None,
+        };
         t.live += 1;
         let worker_id = self.next_worker_id;
         self.next_worker_id += 1;
-        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log }), fds);
+        let shm_on = shm.is_some();
+        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on }), fds);
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1) & 0xff_ffff;
         let conn = WorkerConn {
@@ -467,6 +481,7 @@ impl Reactor {
             exec: None,
             exited: None,
             logs,
+            shm,
             failure: None,
         };
         let key = match self.free.pop() {
@@ -535,7 +550,38 @@ impl Reactor {
         exec.idle_left = idle_left;
         let deadline = now + exec.timeout;
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
-        self.post_worker_send(key, exec_id);
+        let placed = match self.workers.get_mut(key as usize).and_then(|w| w.as_mut()).and_then(|w| w.shm.as_mut()) {
+            None => None,
+            Some((region, req_len)) => {
+                let body = match frame::parse_header(&exec.frame) {
+                    Header::Complete { offset, .. } => &exec.frame[offset..],
+                    _ => &exec.frame[..0],
+                };
+                *req_len = body.len();
+                Some(region.put_request(body))
+            }
+        };
+        match placed {
+            None => self.post_worker_send(key, exec_id),
+            Some(Ok(())) => self.post_doorbell(key),
+            Some(Err(why)) => {
+                self.kill_worker(key);
+                self.complete(exec_id, Err(Error::InvalidArgument(why)));
+            }
+        }
+    }
+
+    /// Shared-memory transport: one byte on the socket says the request is in place.
+    fn post_doorbell(&mut self, key: u32) {
+        static DOORBELL: [u8; 1] = [0];
+        let Some(w) = self.worker(key) else { return };
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        w.inflight += 1;
+        let sqe = opcode::Send::new(types::Fd(fd), DOORBELL.as_ptr(), 1)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(K_W_SEND, key, w.gen));
+        self.push_sqe(sqe);
     }
 
     fn kill_worker(&mut self, key: u32) {
@@ -766,7 +812,13 @@ impl Reactor {
             w.failure = Some(format!("request write failed: {}", std::io::Error::from_raw_os_error(-res)));
             return;
         }
+        let shm = w.shm.is_some();
         let Some(exec) = self.execs.get_mut(&exec_id) else { return };
+        if shm {
+            exec.sent = Some(Instant::now());
+            exec.frame = Vec::new();
+            return;
+        }
         exec.written += res as usize;
         if exec.written < exec.frame.len() {
             self.post_worker_send(key, exec_id);
@@ -823,6 +875,15 @@ impl Reactor {
                 let token = w.token;
                 tracing::warn!(token, "a UDF wrote before receiving its request; worker killed");
                 self.kill_worker(key);
+            }
+            WState::Busy if w.shm.is_some() => {
+                // The doorbell: the response is in the region.
+                let taken = w.shm.as_ref().map(|(region, req_len)| region.take_response(*req_len, max));
+                match taken {
+                    Some(Ok(body)) => self.on_response(key, body),
+                    Some(Err(why)) => self.garbage(key, why),
+                    None => {}
+                }
             }
             WState::Busy => {
                 w.filled += n;

@@ -431,6 +431,7 @@ impl Runner {
                 } else {
                     None
                 };
+                let shm = if sp.shm { Some(conn.fds.pop_front().ok_or("Spawn without its shared-memory fd")?) } else { None };
                 let result = match conn.binaries.get(&sp.code_id) {
                     None => Err(format!("unknown code id {}", sp.code_id)),
                     Some(bin) => {
@@ -444,12 +445,14 @@ impl Runner {
                             seccomp: self.worker_filter.as_ref().map(|(_, f)| f as *const libc::sock_fprog),
                             rlimit_as: self.rlimit_as,
                             rlimit_fsize: logs.as_ref().map(|_| self.rlimit_fsize),
+                            shm: shm.as_ref().map(|f| f.as_raw_fd()),
                         };
                         self.spawner.spawn(&plan).map_err(|e| e.to_string())
                     }
                 };
                 drop(channel);
                 drop(logs);
+                drop(shm);
                 match result {
                     Ok(pid) => {
                         self.conns[idx].workers.insert(sp.worker_id, pid);

@@ -21,22 +21,27 @@ pub struct SpawnPlan {
     pub seccomp: Option<*const libc::sock_fprog>,
     pub rlimit_as: Option<libc::rlimit>,
     pub rlimit_fsize: Option<libc::rlimit>,
+    /// Shared-memory region, handed to the UDF as fd 4 (`argv[2]` = "4").
+    pub shm: Option<RawFd>,
 }
 
 /// Shared with the child through CLONE_VM: what failed, if anything.
 #[repr(C)]
 struct ChildCtx {
     plan: *const SpawnPlan,
-    argv: [*const libc::c_char; 3],
+    argv: [*const libc::c_char; 4],
     envp: [*const libc::c_char; 1],
     failed_step: libc::c_int,
     errno: libc::c_int,
 }
 
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 12] = [
     "none", "dup2 stdio", "dup2 channel", "close_range", "prctl(PDEATHSIG)", "setrlimit",
-    "capset", "prctl(NO_NEW_PRIVS)", "seccomp", "execveat",
+    "capset", "prctl(NO_NEW_PRIVS)", "seccomp", "execveat", "move fds", "dup2 shared memory",
 ];
+
+/// fds the child places: 0-2 stdio, 3 channel, 4 shared memory.
+const FIRST_FREE_FD: libc::c_int = 5;
 
 const STACK_SIZE: usize = 64 * 1024;
 
@@ -83,6 +88,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY (whole block): raw syscalls on fds and the process's own attributes; all
     // pointers passed point into ctx/plan or to locals that outlive each call.
     unsafe {
+        // Sources that sit on a target number would be clobbered by the dup2s below:
+        // move them above the targets first (rare; costs nothing otherwise).
+        let mut binary = plan.binary;
+        if binary < FIRST_FREE_FD {
+            binary = libc::fcntl(binary, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
+            step!(10, binary);
+        }
+        let mut shm = plan.shm.unwrap_or(-1);
+        if shm == 3 {
+            shm = libc::fcntl(shm, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
+            step!(10, shm);
+        }
         step!(1, libc::dup2(plan.stdin, 0));
         step!(1, libc::dup2(plan.stdout, 1));
         step!(1, libc::dup2(plan.stderr, 2));
@@ -95,6 +112,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // execveat of an ELF binary works on a close-on-exec fd).
         // Upper bound INT_MAX, not UINT_MAX: gVisor rejects larger bounds with EINVAL.
         step!(3, libc::syscall(libc::SYS_close_range, 4u32, i32::MAX as u32, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int);
+        if shm == 4 {
+            step!(11, libc::fcntl(4, libc::F_SETFD, 0));
+        } else if shm >= 0 {
+            step!(11, libc::dup2(shm, 4));
+        }
         step!(4, libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0));
         if let Some(lim) = plan.rlimit_as.as_ref() {
             step!(5, libc::setrlimit(libc::RLIMIT_AS, lim));
@@ -119,7 +141,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::syscall(
             libc::SYS_execveat,
-            plan.binary,
+            binary,
             c"".as_ptr(),
             ctx.argv.as_ptr(),
             ctx.envp.as_ptr(),
@@ -139,9 +161,10 @@ impl Spawner {
 
     /// Starts one worker and returns its pid once it has exec'd the UDF.
     pub fn spawn(&mut self, plan: &SpawnPlan) -> io::Result<libc::pid_t> {
+        let shm_arg = if plan.shm.is_some() { c"4".as_ptr() } else { std::ptr::null() };
         let mut ctx = ChildCtx {
             plan,
-            argv: [c"roma-byob-udf".as_ptr(), c"3".as_ptr(), std::ptr::null()],
+            argv: [c"roma-byob-udf".as_ptr(), c"3".as_ptr(), shm_arg, std::ptr::null()],
             envp: [std::ptr::null()],
             failed_step: 0,
             errno: 0,

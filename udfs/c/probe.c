@@ -17,6 +17,10 @@
  *   socket        socket(AF_UNIX, SOCK_STREAM, 0)
  *   network       socket(AF_INET, SOCK_STREAM, 0) + connect(127.0.0.1:9)
  *   unshare_user  unshare(CLONE_NEWUSER)
+ *   shm_residue   (shared-memory transport) "clean <size>" if every byte of the
+ *                 region past the request is zero, else "dirty at <offset>"
+ *   shm_fill      (shared-memory transport) fills the region past the request
+ *                 with 0xAB: "filled <n>"
  *   io_uring      io_uring_setup(1, ...) (kernel attack surface the runner's
  *                 denylist removes at level worker-engine)
  *   fork          fork(); the child _exit(0)s, the parent waitpid()s
@@ -205,6 +209,36 @@ static void probe_capabilities(void) {
   snprintf(result, sizeof result, "eff=%llx prm=%llx inh=%llx", eff, prm, inh);
 }
 
+/* shm_residue: any non-zero byte in the region outside the header, the request and
+ * the response length field means something survived from an earlier request. */
+static void probe_shm_residue(roma_udf *u) {
+  if (u->shm == NULL) {
+    snprintf(result, sizeof result, "no shared memory");
+    return;
+  }
+  size_t req_end = ROMA_SHM_HEADER + u->request_len;
+  for (size_t i = ROMA_SHM_HEADER; i < u->shm_len; ++i) {
+    if (i < req_end) continue;
+    if (u->shm[i] != 0) {
+      snprintf(result, sizeof result, "dirty at %zu", i);
+      return;
+    }
+  }
+  snprintf(result, sizeof result, "clean %zu", u->shm_len);
+}
+
+/* shm_fill: scribble over the whole region past the request, as a UDF leaving
+ * secrets behind would. */
+static void probe_shm_fill(roma_udf *u) {
+  if (u->shm == NULL) {
+    snprintf(result, sizeof result, "no shared memory");
+    return;
+  }
+  size_t start = ROMA_SHM_HEADER + u->request_len;
+  memset(u->shm + start, 0xAB, u->shm_len - start);
+  snprintf(result, sizeof result, "filled %zu", u->shm_len - start);
+}
+
 static void probe_io_uring(void) {
   unsigned char params[120]; /* struct io_uring_params */
   memset(params, 0, sizeof params);
@@ -289,12 +323,12 @@ static char *dup_string(const roma_pb_field *f) {
 }
 
 int main(int argc, char **argv) {
-  int fd = roma_udf_start(argc, argv);
-  if (fd < 0) roma_udf_die("probe: usage: probe <socket fd>");
+  roma_udf u;
+  if (roma_udf_open(&u, argc, argv) != 0) roma_udf_die("probe: usage: probe <socket fd> [<shm fd>]");
 
-  uint8_t *request;
+  const uint8_t *request;
   size_t request_len;
-  if (roma_read_request(fd, &request, &request_len) != 0) roma_udf_die("probe: cannot read the request");
+  if (roma_udf_read_request(&u, &request, &request_len) != 0) roma_udf_die("probe: cannot read the request");
 
   /* ProbeRequest: string probe = 1; string arg = 2. */
   char *probe = NULL, *arg = NULL;
@@ -313,12 +347,15 @@ int main(int argc, char **argv) {
     }
   }
   if (rc < 0) roma_udf_die("probe: malformed ProbeRequest");
-  free(request);
   if (probe == NULL) probe = strdup("");
   if (arg == NULL) arg = strdup("");
   if (probe == NULL || arg == NULL) roma_udf_die("probe: out of memory");
 
-  if (strcmp(probe, "create_file") == 0) {
+  if (strcmp(probe, "shm_residue") == 0) {
+    probe_shm_residue(&u);
+  } else if (strcmp(probe, "shm_fill") == 0) {
+    probe_shm_fill(&u);
+  } else if (strcmp(probe, "create_file") == 0) {
     probe_create_file(arg);
   } else if (strcmp(probe, "delete_file") == 0) {
     set_rc_result(unlink(arg));
@@ -357,7 +394,8 @@ int main(int argc, char **argv) {
   roma_pb_buf response;
   roma_pb_buf_init(&response);
   roma_pb_put_string_field(&response, 1, result); /* ProbeResponse.result */
-  if (roma_write_response_buf(fd, &response) != 0) roma_udf_die("probe: cannot write the response");
+  if (roma_udf_write_response_buf(&u, &response) != 0) roma_udf_die("probe: cannot write the response");
+  roma_udf_close(&u);
   roma_pb_buf_free(&response);
   return 0;
 }

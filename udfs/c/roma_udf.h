@@ -62,6 +62,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #ifdef __cplusplus
@@ -629,6 +631,135 @@ static inline int roma_write_response_buf(int fd, const roma_pb_buf *b) {
     return -1;
   }
   return roma_write_response(fd, b->data != NULL ? b->data : (const uint8_t *)"", b->len);
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Sessions: the socket transport or the shared-memory transport, same code         */
+/* ------------------------------------------------------------------------------ */
+
+/*
+ * Shared-memory transport (opt-in per load on the host: LoadOptions::shared_memory).
+ * The host then passes argv[2] = the fd of a memfd region laid out as:
+ *
+ *   offset 0   u64  request length n            (host)
+ *   offset 8   u64  response length m           (UDF; all ones until written)
+ *   offset 16  u32  magic 0x4d534252 ("RBSM"), offset 20 u32 version 1 (host)
+ *   offset 64  n bytes: the request message (no length prefix)
+ *   offset 64 + round_up(n, 64): the response message (UDF)
+ *
+ * After the ready byte, the host places the request and writes one doorbell byte on
+ * the socket; the UDF writes the response and its length, then one doorbell byte
+ * back. Every worker gets a fresh region. The roma_udf_* session functions below
+ * hide the difference: a UDF written with them runs on either transport.
+ */
+#define ROMA_SHM_HEADER 64u
+#define ROMA_SHM_MAGIC 0x4d534252u
+
+typedef struct roma_udf {
+  int fd;                 /* the socket */
+  uint8_t *shm;           /* mapped region, or NULL on the socket transport */
+  size_t shm_len;
+  size_t request_len;
+  uint8_t *request_owned; /* malloc'd request (socket transport) */
+} roma_udf;
+
+/* Opens the session: parses argv, maps the region if there is one, sends the ready
+ * byte. Returns 0, or -1 with errno set. */
+static inline int roma_udf_open(roma_udf *u, int argc, char **argv) {
+  memset(u, 0, sizeof *u);
+  u->fd = roma_udf_parse_fd(argc, argv);
+  if (u->fd < 0) return -1;
+  if (argc >= 3 && argv[2] != NULL) {
+    char *args[2] = {argv[0], argv[2]};
+    int shm_fd = roma_udf_parse_fd(2, args);
+    if (shm_fd < 0) return -1;
+    struct stat st;
+    if (fstat(shm_fd, &st) != 0) return -1;
+    if (st.st_size < (off_t)ROMA_SHM_HEADER) {
+      errno = EPROTO;
+      return -1;
+    }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, shm_fd, 0);
+    if (p == MAP_FAILED) return -1;
+    u->shm = (uint8_t *)p;
+    u->shm_len = (size_t)st.st_size;
+    uint32_t magic;
+    memcpy(&magic, u->shm + 16, sizeof magic);
+    if (magic != ROMA_SHM_MAGIC) {
+      errno = EPROTO;
+      return -1;
+    }
+  }
+  const uint8_t ready = 'R';
+  return roma_write_all(u->fd, &ready, 1);
+}
+
+/* Reads the request. On the shared-memory transport *req points into the region
+ * (no copy); otherwise into a buffer the session frees in roma_udf_close(). */
+static inline int roma_udf_read_request(roma_udf *u, const uint8_t **req, size_t *len) {
+  if (u->shm == NULL) {
+    if (roma_read_request(u->fd, &u->request_owned, &u->request_len) != 0) return -1;
+    *req = u->request_owned;
+    *len = u->request_len;
+    return 0;
+  }
+  uint8_t doorbell;
+  if (roma_read_exact(u->fd, &doorbell, 1) != 0) return -1;
+  uint64_t n;
+  memcpy(&n, u->shm, sizeof n);
+  if (n > u->shm_len - ROMA_SHM_HEADER) {
+    errno = EPROTO;
+    return -1;
+  }
+  u->request_len = (size_t)n;
+  *req = u->shm + ROMA_SHM_HEADER;
+  *len = u->request_len;
+  return 0;
+}
+
+/* Where the response goes on the shared-memory transport, and how much fits. */
+static inline uint8_t *roma_udf_response_area(roma_udf *u, size_t *room) {
+  size_t off = ROMA_SHM_HEADER + (u->request_len + 63) / 64 * 64;
+  if (u->shm == NULL || off > u->shm_len) {
+    *room = 0;
+    return NULL;
+  }
+  *room = u->shm_len - off;
+  return u->shm + off;
+}
+
+/* Sends the response (a serialized message of `len` bytes). On the shared-memory
+ * transport `msg` may already be the response area (no copy then). Returns 0, or
+ * -1 with errno set (ENOSPC when it does not fit the region). */
+static inline int roma_udf_write_response(roma_udf *u, const void *msg, size_t len) {
+  if (u->shm == NULL) return roma_write_response(u->fd, msg, len);
+  size_t room;
+  uint8_t *area = roma_udf_response_area(u, &room);
+  if (area == NULL || len > room) {
+    errno = ENOSPC;
+    return -1;
+  }
+  if ((const uint8_t *)msg != area) memcpy(area, msg, len);
+  uint64_t m = (uint64_t)len;
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  memcpy(u->shm + 8, &m, sizeof m);
+  const uint8_t doorbell = 0;
+  return roma_write_all(u->fd, &doorbell, 1);
+}
+
+/* Sends a response built in a roma_pb_buf. */
+static inline int roma_udf_write_response_buf(roma_udf *u, const roma_pb_buf *b) {
+  if (b->failed) {
+    errno = ENOMEM;
+    return -1;
+  }
+  return roma_udf_write_response(u, b->data != NULL ? b->data : (const uint8_t *)"", b->len);
+}
+
+/* Releases what the session allocated. */
+static inline void roma_udf_close(roma_udf *u) {
+  free(u->request_owned);
+  u->request_owned = NULL;
 }
 
 #ifdef __cplusplus
