@@ -97,6 +97,13 @@ pub struct Config {
     /// CPU cores to pin the io_uring engine threads to, one thread per core. Empty:
     /// one thread per core this process may run on.
     pub cores: Vec<usize>,
+    /// CPU cores the sandbox (runner and workers; in gVisor modes the whole runsc
+    /// sandbox) may run on. Empty: no restriction.
+    pub runner_cores: Vec<usize>,
+    /// Kernel-side submission polling (IORING_SETUP_SQPOLL) with this idle time
+    /// before the poller sleeps. Saves the `io_uring_enter` syscall per batch but
+    /// burns a core while busy: only with a spare core. `None` (default): off.
+    pub sqpoll_idle: Option<Duration>,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs). Symlinks are followed; missing paths are skipped with a warning.
@@ -120,6 +127,8 @@ impl Default for Config {
         Config {
             mode: Mode::Minimal,
             cores: Vec::new(),
+            runner_cores: Vec::new(),
+            sqpoll_idle: None,
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
             memory_limit: None,

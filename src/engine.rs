@@ -43,7 +43,7 @@ impl Engine {
             return Err(Error::InvalidArgument("Config::cores lists no core".into()));
         }
         let online = ring::allowed_cores();
-        if let Some(bad) = cores.iter().find(|c| !online.contains(c)) {
+        if let Some(bad) = cores.iter().chain(&config.runner_cores).find(|c| !online.contains(c)) {
             return Err(Error::InvalidArgument(format!(
                 "core {bad} is not available to this process (allowed: {online:?})"
             )));
@@ -70,8 +70,12 @@ impl Engine {
         let mut shards = Vec::with_capacity(cores.len());
         let mut sandbox = launched.sandbox;
         for (index, (core, ctl)) in cores.iter().zip(launched.controls).enumerate() {
-            let shard_config =
-                ShardConfig { index, core: Some(*core), max_response_bytes: config.max_response_bytes };
+            let shard_config = ShardConfig {
+                index,
+                core: Some(*core),
+                sqpoll_idle: config.sqpoll_idle,
+                max_response_bytes: config.max_response_bytes,
+            };
             match ShardHandle::start(shard_config, ctl, events.clone()) {
                 Ok(s) => shards.push(s),
                 Err(e) => {

@@ -331,3 +331,12 @@ fn memory_limit_fails_the_execution_and_the_next_one_works() {
         assert_eq!(alloc(16).unwrap().response.greeting, "allocated 16 MB");
     }
 }
+
+#[test]
+fn sqpoll_engine_serves_executions() {
+    let e = roma_byob::Engine::new(roma_byob::Config { sqpoll_idle: Some(std::time::Duration::from_millis(10)), ..Default::default() }).unwrap();
+    let t = load(&e, "hello_world", 2);
+    for _ in 0..20 {
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
+    }
+}

@@ -65,6 +65,7 @@ pub(crate) struct ExecRequest {
 pub(crate) struct ShardConfig {
     pub index: usize,
     pub core: Option<usize>,
+    pub sqpoll_idle: Option<Duration>,
     pub max_response_bytes: usize,
 }
 
@@ -121,7 +122,14 @@ impl ShardHandle {
             runner_dead: AtomicBool::new(false),
             events,
         });
-        let ring = io_uring::IoUring::new(1024).map_err(|e| {
+        let mut builder = io_uring::IoUring::builder();
+        if let Some(idle) = config.sqpoll_idle {
+            builder.setup_sqpoll(idle.as_millis().min(u32::MAX as u128) as u32);
+            if let Some(core) = config.core {
+                builder.setup_sqpoll_cpu(core as u32);
+            }
+        }
+        let ring = builder.build(1024).map_err(|e| {
             Error::FailedPrecondition(format!(
                 "cannot create an io_uring ({e}); check kernel.io_uring_disabled and RLIMIT_MEMLOCK"
             ))
@@ -154,7 +162,7 @@ impl ShardHandle {
     }
 }
 
-fn pin_to_core(core: usize) {
+pub(crate) fn pin_to_core(core: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity
     // reads it for the calling thread.
     unsafe {

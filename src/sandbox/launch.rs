@@ -107,6 +107,7 @@ impl Launcher {
                 // runsc passes no extra fds: control 0 is the runner's stdin.
                 let stdin = runner_ends[0].try_clone().map_err(|e| Error::io("dup control fd", e))?;
                 cmd.stdin(Stdio::from(stdin)).stdout(Stdio::null()).stderr(Stdio::from(log));
+                pin_command(&mut cmd, &self.config.runner_cores);
                 let child = cmd.spawn().map_err(|e| Error::io(&format!("start {}", g.runsc.display()), e))?;
                 // The other control connections travel over the first one.
                 if shards > 1 {
@@ -175,6 +176,7 @@ impl Launcher {
                 Ok(())
             });
         }
+        pin_command(&mut cmd, &self.config.runner_cores);
         cmd.spawn().map_err(|e| Error::io(&format!("start {}", self.runner.display()), e))
     }
 
@@ -221,6 +223,28 @@ impl Sandbox {
     /// Whether the sandbox process has exited.
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Restricts the started process (and so the whole sandbox) to `cores`.
+fn pin_command(cmd: &mut Command, cores: &[usize]) {
+    if cores.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cores {
+        // SAFETY: as above; c was checked against the allowed cores.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: sched_setaffinity is async-signal-safe; `set` is moved into the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
