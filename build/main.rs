@@ -6,7 +6,7 @@ mod samples;
 
 fn main() {
     println!("cargo:rerun-if-changed=proto");
-    let files = ["proto/control.proto", "proto/sample.proto"];
+    let files = ["proto/control.proto", "proto/sample.proto", "proto/host_api.proto"];
     let fds = protox::compile(files, ["proto"]).expect("compile proto/*.proto with protox");
     prost_build::Config::new()
         .compile_fds(fds)

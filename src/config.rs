@@ -1,5 +1,6 @@
 //! Engine, load and execute configuration.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -120,6 +121,8 @@ pub struct Config {
     /// Largest stdout (and stderr) kept per execution of a logging code token;
     /// writes beyond it fail with EFBIG inside the UDF.
     pub max_log_bytes: u64,
+    /// Threads running host functions (Host API callbacks).
+    pub host_api_threads: usize,
 }
 
 impl Default for Config {
@@ -136,6 +139,7 @@ impl Default for Config {
             runsc_path: None,
             max_response_bytes: 64 << 20,
             max_log_bytes: 1 << 20,
+            host_api_threads: 2,
         }
     }
 }
@@ -152,11 +156,14 @@ pub struct LoadOptions {
     /// the socket (see README, "Shared-memory transport"). The UDF must support it.
     /// `None`: plain Roma protocol on the socket.
     pub shared_memory: Option<usize>,
+    /// Let the UDF call registered host functions during its executions (see
+    /// `Engine::register_host_function`). Off: a host call gets an error reply.
+    pub host_api: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
-        LoadOptions { workers: 1, log_egress: false, shared_memory: None }
+        LoadOptions { workers: 1, log_egress: false, shared_memory: None, host_api: false }
     }
 }
 
@@ -169,6 +176,8 @@ pub struct ExecuteOptions {
     /// Deadline for the whole execution once a worker took it; on expiry the worker
     /// is killed and the execution fails with `DeadlineExceeded`.
     pub timeout: Duration,
+    /// Passed to every host function the UDF calls during this execution.
+    pub metadata: HashMap<String, String>,
 }
 
 impl Default for ExecuteOptions {
@@ -176,6 +185,7 @@ impl Default for ExecuteOptions {
         ExecuteOptions {
             worker_wait_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
+            metadata: HashMap::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use futures_channel::oneshot;
 use crate::completion::{self, Execution, RawResult, Response, Sink};
 use crate::ring::{self, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
 use crate::sandbox::launch::Launcher;
+use crate::host_api::{HostApi, HostCallContext, HostFuture, HostResult};
 use crate::supervisor::Supervisor;
 use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOptions, Mode, Result};
 
@@ -29,6 +30,7 @@ pub struct Engine {
     next_exec: AtomicU64,
     rr: AtomicUsize,
     supervisor: Option<std::thread::JoinHandle<()>>,
+    host_api: Arc<HostApi>,
     events: std::sync::mpsc::Sender<SupervisorEvent>,
     sandbox_pid: Arc<AtomicU32>,
     debug_log_dir: Option<std::path::PathBuf>,
@@ -66,6 +68,15 @@ impl Engine {
             cores = ?cores,
             "roma-byob engine started"
         );
+        let host_api = match HostApi::new(config.host_api_threads) {
+            Ok(h) => Arc::new(h),
+            Err(e) => {
+                let mut sandbox = launched.sandbox;
+                launcher.destroy(&mut sandbox);
+                launcher.cleanup();
+                return Err(e);
+            }
+        };
         let (events, events_rx) = std::sync::mpsc::channel();
         let mut shards = Vec::with_capacity(cores.len());
         let mut sandbox = launched.sandbox;
@@ -75,6 +86,7 @@ impl Engine {
                 core: Some(*core),
                 sqpoll_idle: config.sqpoll_idle,
                 max_response_bytes: config.max_response_bytes,
+                host_api: host_api.clone(),
             };
             match ShardHandle::start(shard_config, ctl, events.clone()) {
                 Ok(s) => shards.push(s),
@@ -108,6 +120,7 @@ impl Engine {
             next_exec: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             supervisor: Some(supervisor),
+            host_api,
             events,
             sandbox_pid,
             debug_log_dir,
@@ -180,7 +193,8 @@ impl Engine {
     pub fn load_for_logging(&self, token: &CodeToken, workers: usize) -> Result<CodeToken> {
         check_workers(workers)?;
         let entry = self.token(token)?;
-        Ok(self.register(entry.binary.clone(), true, entry.shm, workers))
+        let options = LoadOptions { workers, log_egress: true, shared_memory: entry.shm, host_api: entry.host_api };
+        Ok(self.register(entry.binary.clone(), &options))
     }
 
     /// Deletes a code token: its workers are killed and every pending execution of it
@@ -205,7 +219,7 @@ impl Engine {
     {
         let frame = request.encode_length_delimited_to_vec();
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, frame, &options, Sink::Channel(tx))?;
+        let id = self.submit(token, frame, options, Sink::Channel(tx))?;
         Ok(Execution::new(id, rx, completion::decode_message::<Resp>))
     }
 
@@ -216,7 +230,7 @@ impl Engine {
         prost::encoding::encode_varint(request.len() as u64, &mut frame);
         frame.extend_from_slice(request);
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, frame, &options, Sink::Channel(tx))?;
+        let id = self.submit(token, frame, options, Sink::Channel(tx))?;
         Ok(Execution::new(id, rx, completion::decode_raw))
     }
 
@@ -238,7 +252,34 @@ impl Engine {
         let sink = Sink::Callback(Box::new(move |raw: RawResult| {
             callback(completion::finish(raw, completion::decode_message::<Resp>))
         }));
-        self.submit(token, frame, &options, sink)
+        self.submit(token, frame, options, sink)
+    }
+
+    /// Registers a host function UDFs may call (code tokens loaded with
+    /// `LoadOptions::host_api`). It runs on the host API thread pool with the call's
+    /// context and the serialized request, and returns the serialized response or an
+    /// error text that the UDF receives. A panic becomes an error reply.
+    pub fn register_host_function<F>(&self, name: impl Into<String>, function: F) -> Result<()>
+    where
+        F: Fn(&HostCallContext, &[u8]) -> HostResult + Send + Sync + 'static,
+    {
+        self.host_api.register_sync(name.into(), Arc::new(function))
+    }
+
+    /// Registers an async host function: the returned future runs on the host API
+    /// thread pool (any runtime-agnostic future).
+    pub fn register_async_host_function<F, Fut>(&self, name: impl Into<String>, function: F) -> Result<()>
+    where
+        F: Fn(HostCallContext, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = HostResult> + Send + 'static,
+    {
+        self.host_api.register_async(name.into(), Arc::new(move |ctx, req| Box::pin(function(ctx, req)) as HostFuture))
+    }
+
+    /// Removes a host function; later calls to it get an "unknown host function"
+    /// error reply.
+    pub fn unregister_host_function(&self, name: &str) -> Result<()> {
+        self.host_api.unregister(name)
     }
 
     /// Cancels an execution: its worker is killed and it completes with `Cancelled`.
@@ -297,10 +338,11 @@ impl Engine {
             }
         }
         let binary = Arc::new(sealed_memfd(bytes)?);
-        Ok(self.register(binary, options.log_egress, options.shared_memory, options.workers))
+        Ok(self.register(binary, &options))
     }
 
-    fn register(&self, binary: Arc<OwnedFd>, log: bool, shm: Option<usize>, workers: usize) -> CodeToken {
+    fn register(&self, binary: Arc<OwnedFd>, options: &LoadOptions) -> CodeToken {
+        let workers = options.workers;
         let id = self.next_code.fetch_add(1, Ordering::Relaxed);
         let n = self.shards.len();
         let start = (id as usize) % n;
@@ -311,7 +353,14 @@ impl Engine {
                 ShardSlots { slots, idle: AtomicUsize::new(0) }
             })
             .collect();
-        let entry = Arc::new(TokenEntry { id, binary, log, shm, per_shard });
+        let entry = Arc::new(TokenEntry {
+            id,
+            binary,
+            log: options.log_egress,
+            host_api: options.host_api,
+            shm: options.shared_memory,
+            per_shard,
+        });
         match self.tokens.write() {
             Ok(mut t) => t.insert(id, entry.clone()),
             Err(p) => p.into_inner().insert(id, entry.clone()),
@@ -324,7 +373,7 @@ impl Engine {
         CodeToken(id)
     }
 
-    fn submit(&self, token: &CodeToken, frame: Vec<u8>, options: &ExecuteOptions, sink: Sink) -> Result<ExecutionToken> {
+    fn submit(&self, token: &CodeToken, frame: Vec<u8>, options: ExecuteOptions, sink: Sink) -> Result<ExecutionToken> {
         let entry = self.token(token)?;
         if let Some(size) = entry.shm {
             let body = match crate::ipc::frame::parse_header(&frame) {
@@ -354,6 +403,7 @@ impl Engine {
         self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
             id,
             token: token.0,
+            metadata: Arc::new(options.metadata),
             frame,
             worker_wait_timeout: options.worker_wait_timeout,
             timeout: options.timeout,

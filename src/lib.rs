@@ -18,6 +18,7 @@ mod completion;
 mod config;
 mod engine;
 mod error;
+pub mod host_api;
 pub mod ipc;
 pub mod ring;
 pub mod sandbox;
@@ -29,6 +30,7 @@ pub use completion::{Execution, Logs, Metrics, Response};
 pub use config::{Config, ExecuteOptions, LoadOptions, MemoryLimit, Mode, SyscallFilter};
 pub use engine::Engine;
 pub use error::{Code, Error, Result};
+pub use host_api::{HostCallContext, HostFuture, HostResult};
 pub use token::{CodeToken, ExecutionToken};
 
 /// Generated types of the sample UDFs' API (proto/sample.proto).

@@ -97,6 +97,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     report("end-to-end latency", &seq);
     report("waiting for a worker", &wait);
 
+    let cpu_before = CpuSample::take(engine.sandbox_pid());
     let (tx, rx) = mpsc::channel::<Result<Duration, String>>();
     let mut lat = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut failures = 0usize;
@@ -137,9 +138,55 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         failures
     );
     report("latency under load", &lat);
+    if let (Some(before), Some(after)) = (cpu_before, CpuSample::take(engine.sandbox_pid())) {
+        let n = a.executions as f64;
+        let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
+        println!(
+            "  CPU per execution: engine threads {:.1} µs, runner {:.1} µs, workers {:.1} µs (from /proc, {} ticks/s)",
+            us(after.engine - before.engine),
+            us(after.runner.saturating_sub(before.runner)),
+            us(after.workers.saturating_sub(before.workers)),
+            ticks_per_second()
+        );
+    }
     engine.shutdown();
     if failures > 0 {
         return Err(format!("{failures} executions failed"));
     }
     Ok(())
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// CPU ticks (user + system) of this process's engine threads, of the sandbox's top
+/// process, and of the workers it has reaped.
+struct CpuSample {
+    engine: u64,
+    runner: u64,
+    workers: u64,
+}
+
+fn stat_fields(path: &str) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    // Fields after the command: state is index 0; utime is field 14 overall.
+    Some(rest.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+impl CpuSample {
+    fn take(sandbox_pid: u32) -> Option<CpuSample> {
+        let mut engine = 0;
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("roma-ring-") {
+                let f = stat_fields(&format!("{}/stat", task.path().display()))?;
+                engine += f[10] + f[11];
+            }
+        }
+        let f = stat_fields(&format!("/proc/{sandbox_pid}/stat"))?;
+        Some(CpuSample { engine, runner: f[10] + f[11], workers: f[12] + f[13] })
+    }
 }

@@ -3,6 +3,7 @@
 mod demo;
 mod exec;
 mod json;
+mod traffic;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Load the sample hello-world UDF in the best sandbox available and measure it.
     Demo(demo::DemoArgs),
+    /// Open-loop traffic generator: bursts at a target QPS, latency percentiles, --find-max-qps.
+    Traffic(traffic::TrafficArgs),
 }
 
 /// Engine options shared by the subcommands.
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exec(a) => exec::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Traffic(a) => traffic::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,8 @@ pub(crate) struct TokenEntry {
     pub id: u64,
     pub binary: Arc<OwnedFd>,
     pub log: bool,
+    /// Host API calls allowed.
+    pub host_api: bool,
     /// Shared-memory region size per worker, when the token uses that transport.
     pub shm: Option<usize>,
     pub per_shard: Vec<ShardSlots>,
@@ -36,6 +38,9 @@ pub(crate) enum Cmd {
     Execute(ExecRequest),
     Cancel(u64),
     Delete(u64),
+    /// A host function finished: send its reply to the worker (if the execution is
+    /// still running on it).
+    HostReply { exec: u64, worker_id: u64, call_id: u64, result: crate::host_api::HostResult },
     /// The supervisor restarted the sandbox: use this control connection.
     Reconnect { epoch: u64, ctl: OwnedFd },
     /// The sandbox cannot be restarted: fail everything from now on.
@@ -53,6 +58,7 @@ pub(crate) enum SupervisorEvent {
 pub(crate) struct ExecRequest {
     pub id: u64,
     pub token: u64,
+    pub metadata: Arc<std::collections::HashMap<String, String>>,
     pub frame: Vec<u8>,
     pub worker_wait_timeout: Duration,
     pub timeout: Duration,
@@ -61,12 +67,13 @@ pub(crate) struct ExecRequest {
 }
 
 /// Engine-wide limits a shard needs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct ShardConfig {
     pub index: usize,
     pub core: Option<usize>,
     pub sqpoll_idle: Option<Duration>,
     pub max_response_bytes: usize,
+    pub host_api: Arc<crate::host_api::HostApi>,
 }
 
 pub(crate) struct ShardShared {

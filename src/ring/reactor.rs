@@ -20,7 +20,10 @@ use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
 use crate::ipc::frame::{self, Header};
 use crate::ipc::fdpass;
+use crate::host_api::wire::{HostCall, HostReply};
+use crate::host_api::{HostCallContext, CALL_MARKER};
 use crate::ipc::shm::Region;
+use crate::{CodeToken, ExecutionToken};
 use crate::Error;
 
 const K_EVENTFD: u64 = 1;
@@ -28,6 +31,7 @@ const K_CTL_RECV: u64 = 2;
 const K_CTL_SEND: u64 = 3;
 const K_W_RECV: u64 = 4;
 const K_W_SEND: u64 = 5;
+const K_W_REPLY: u64 = 6;
 
 const RECV_CHUNK: usize = 4096;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -56,8 +60,12 @@ struct WorkerConn {
     state: WState,
     buf: Vec<u8>,
     filled: usize,
-    /// Header parsed: body starts at `body_off`, `body_len` bytes.
-    body: Option<(usize, usize)>,
+    /// A large response being read straight into its final buffer.
+    body_buf: Option<Vec<u8>>,
+    body_filled: usize,
+    /// Host API replies waiting to be written, and the one being written.
+    replies: VecDeque<Vec<u8>>,
+    reply_inflight: Option<(Vec<u8>, usize)>,
     inflight: u32,
     exec: Option<u64>,
     exited: Option<i32>,
@@ -92,6 +100,7 @@ struct ExecState {
     sent: Option<Instant>,
     worker: Option<u32>,
     idle_left: usize,
+    metadata: Arc<HashMap<String, String>>,
     /// Response body waiting for the worker's exit (logging tokens).
     response: Option<(Vec<u8>, Instant)>,
 }
@@ -292,6 +301,7 @@ impl Reactor {
             Cmd::Execute(req) => self.execute(req),
             Cmd::Cancel(id) => self.cancel(id),
             Cmd::Delete(token) => self.delete(token),
+            Cmd::HostReply { exec, worker_id, call_id, result } => self.on_host_reply(exec, worker_id, call_id, result),
             Cmd::Reconnect { epoch, ctl } => self.pending_reconnect = Some((epoch, ctl)),
             Cmd::RunnerFatal(why) => {
                 self.runner_fatal = Some(why.clone());
@@ -348,7 +358,7 @@ impl Reactor {
     }
 
     fn execute(&mut self, req: ExecRequest) {
-        let ExecRequest { id, token, frame, worker_wait_timeout, timeout, sink, submitted } = req;
+        let ExecRequest { id, token, metadata, frame, worker_wait_timeout, timeout, sink, submitted } = req;
         if let Some(why) = &self.runner_fatal {
             sink.complete(Err(Error::Unavailable(why.clone())));
             return;
@@ -372,6 +382,7 @@ impl Reactor {
                 sent: None,
                 worker: None,
                 idle_left: 0,
+                metadata,
                 response: None,
             },
         );
@@ -476,7 +487,10 @@ impl Reactor {
             state: WState::Spawning,
             buf: vec![0u8; RECV_CHUNK],
             filled: 0,
-            body: None,
+            body_buf: None,
+            body_filled: 0,
+            replies: VecDeque::new(),
+            reply_inflight: None,
             inflight: 0,
             exec: None,
             exited: None,
@@ -672,7 +686,7 @@ impl Reactor {
                     Err(e) => self.runner_gone(&format!("cannot send to the sandbox runner: {e}")),
                 }
             }
-            K_W_RECV | K_W_SEND => {
+            K_W_RECV | K_W_SEND | K_W_REPLY => {
                 let valid = matches!(self.worker(key), Some(w) if w.gen == gen);
                 if !valid {
                     return;
@@ -680,10 +694,10 @@ impl Reactor {
                 if let Some(w) = self.worker(key) {
                     w.inflight -= 1;
                 }
-                if kind == K_W_RECV {
-                    self.on_worker_recv(key, res);
-                } else {
-                    self.on_worker_send(key, res);
+                match kind {
+                    K_W_RECV => self.on_worker_recv(key, res),
+                    K_W_SEND => self.on_worker_send(key, res),
+                    _ => self.on_reply_sent(key, res),
                 }
                 self.maybe_free(key);
             }
@@ -876,56 +890,226 @@ impl Reactor {
                 tracing::warn!(token, "a UDF wrote before receiving its request; worker killed");
                 self.kill_worker(key);
             }
-            WState::Busy if w.shm.is_some() => {
-                // The doorbell: the response is in the region.
+            WState::Busy => {
+                if w.body_buf.is_some() {
+                    // Straight into the response buffer.
+                    w.body_filled += n;
+                    if w.body_filled < w.body_buf.as_ref().map_or(0, |b| b.len()) {
+                        self.post_body_recv(key);
+                    } else if let Some(body) = w.body_buf.take() {
+                        self.on_response(key, body);
+                    }
+                    return;
+                }
+                w.filled += n;
+                self.parse_busy(key, max);
+            }
+            WState::Finished => {}
+        }
+    }
+
+    /// Parses what a busy worker sent: host calls (any number) and then the response
+    /// frame, or on the shared-memory transport the doorbell byte.
+    fn parse_busy(&mut self, key: u32, max: usize) {
+        loop {
+            let Some(w) = self.worker(key) else { return };
+            if w.shm.is_some() && w.filled > 0 && w.buf[0] == 0 {
+                if w.filled > 1 {
+                    self.garbage(key, "bytes after the shared-memory doorbell".into());
+                    return;
+                }
                 let taken = w.shm.as_ref().map(|(region, req_len)| region.take_response(*req_len, max));
                 match taken {
                     Some(Ok(body)) => self.on_response(key, body),
                     Some(Err(why)) => self.garbage(key, why),
                     None => {}
                 }
+                return;
             }
-            WState::Busy => {
-                w.filled += n;
-                if w.body.is_none() {
-                    match frame::parse_header(&w.buf[..w.filled]) {
-                        Header::Incomplete => {
-                            self.post_worker_recv(key, RECV_CHUNK);
-                            return;
-                        }
-                        Header::Invalid => {
-                            self.garbage(key, "invalid varint length prefix".into());
-                            return;
-                        }
-                        Header::Complete { offset, len } => {
-                            if len > max as u64 {
-                                self.garbage(key, format!("declared length {len} exceeds max_response_bytes {max}"));
-                                return;
-                            }
-                            w.body = Some((offset, len as usize));
-                        }
+            let (offset, len) = match frame::parse_header(&w.buf[..w.filled]) {
+                Header::Incomplete => {
+                    self.post_worker_recv(key, RECV_CHUNK);
+                    return;
+                }
+                Header::Invalid => {
+                    self.garbage(key, "invalid varint length prefix".into());
+                    return;
+                }
+                Header::Complete { offset, len } => (offset, len),
+            };
+            if len == CALL_MARKER {
+                let (o2, l2) = match frame::parse_header(&w.buf[offset..w.filled]) {
+                    Header::Incomplete => {
+                        self.post_worker_recv(key, RECV_CHUNK);
+                        return;
+                    }
+                    Header::Invalid => {
+                        self.garbage(key, "invalid varint length of a host call".into());
+                        return;
+                    }
+                    Header::Complete { offset, len } => (offset, len),
+                };
+                if l2 > max as u64 {
+                    self.garbage(key, format!("host call of {l2} bytes exceeds max_response_bytes {max}"));
+                    return;
+                }
+                let total = offset + o2 + l2 as usize;
+                if w.filled < total {
+                    let missing = total - w.filled;
+                    self.post_worker_recv(key, missing);
+                    return;
+                }
+                let call = HostCall::decode(&w.buf[offset + o2..total]);
+                w.buf.drain(..total);
+                w.filled -= total;
+                if w.buf.len() < RECV_CHUNK {
+                    w.buf.resize(RECV_CHUNK, 0);
+                }
+                match call {
+                    Ok(call) => self.on_host_call(key, call),
+                    Err(e) => {
+                        self.garbage(key, format!("undecodable host call: {e}"));
+                        return;
                     }
                 }
-                let Some((off, len)) = w.body else { return };
-                let total = off + len;
-                if w.filled > total {
-                    let extra = w.filled - total;
-                    self.garbage(key, format!("{extra} bytes after the response frame"));
-                } else if w.filled == total {
-                    let mut buf = std::mem::take(&mut w.buf);
-                    buf.truncate(total);
-                    let body = if off == 0 { buf } else { buf.split_off(off) };
-                    self.on_response(key, body);
-                } else {
-                    // Read exactly the rest, straight into place.
-                    let remaining = total - w.filled;
-                    if w.buf.len() < total {
-                        w.buf.resize(total, 0);
-                    }
-                    self.post_worker_recv(key, remaining);
-                }
+                continue;
             }
-            WState::Finished => {}
+            if w.shm.is_some() {
+                self.garbage(key, "a response frame on the socket with the shared-memory transport".into());
+                return;
+            }
+            if len > max as u64 {
+                self.garbage(key, format!("declared length {len} exceeds max_response_bytes {max}"));
+                return;
+            }
+            let total = offset + len as usize;
+            if w.filled > total {
+                let extra = w.filled - total;
+                self.garbage(key, format!("{extra} bytes after the response frame"));
+            } else if w.filled == total {
+                let mut buf = std::mem::take(&mut w.buf);
+                buf.truncate(total);
+                buf.drain(..offset);
+                self.on_response(key, buf);
+            } else {
+                // Read the rest straight into a buffer of the announced size: no copy
+                // of the body beyond the first chunk.
+                let mut body = vec![0u8; len as usize];
+                let have = w.filled - offset;
+                body[..have].copy_from_slice(&w.buf[offset..w.filled]);
+                w.body_filled = have;
+                w.body_buf = Some(body);
+                self.post_body_recv(key);
+            }
+            return;
+        }
+    }
+
+    fn post_body_recv(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        let Some(body) = w.body_buf.as_mut() else { return };
+        let remaining = body.len() - w.body_filled;
+        // SAFETY: [body_filled, len) lies inside `body`, which is neither resized nor
+        // dropped while this recv is in flight (inflight > 0 keeps the worker).
+        let ptr = unsafe { body.as_mut_ptr().add(w.body_filled) };
+        w.inflight += 1;
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, remaining.min(u32::MAX as usize) as u32)
+            .build()
+            .user_data(ud(K_W_RECV, key, w.gen));
+        self.push_sqe(sqe);
+    }
+
+    /// A host call arrived: run it on the host API pool; the reply comes back as a
+    /// command.
+    fn on_host_call(&mut self, key: u32, call: HostCall) {
+        let Some(w) = self.worker(key) else { return };
+        let (worker_id, token) = (w.worker_id, w.token);
+        let Some(exec_id) = w.exec else { return };
+        let allowed = self.tokens.get(&token).is_some_and(|t| t.entry.host_api);
+        if !allowed {
+            let reply = HostReply {
+                call_id: call.call_id,
+                response: Vec::new(),
+                error: format!("the host API is not enabled for code token code-{token}; load it with LoadOptions::host_api"),
+            };
+            self.queue_reply(key, reply);
+            return;
+        }
+        let metadata = self.execs.get(&exec_id).map(|e| e.metadata.clone()).unwrap_or_default();
+        let ctx = HostCallContext {
+            code_token: CodeToken(token),
+            execution: ExecutionToken { shard: self.config.index as u32, id: exec_id },
+            metadata,
+        };
+        let shared = self.shared.clone();
+        let call_id = call.call_id;
+        self.config.host_api.call(&call.function, ctx, call.request, move |result| {
+            shared.push(Cmd::HostReply { exec: exec_id, worker_id, call_id, result });
+        });
+    }
+
+    fn on_host_reply(&mut self, exec: u64, worker_id: u64, call_id: u64, result: crate::host_api::HostResult) {
+        let Some(&key) = self.by_worker_id.get(&worker_id) else { return };
+        let Some(w) = self.worker(key) else { return };
+        if w.exec != Some(exec) || w.state != WState::Busy {
+            return; // The execution ended (cancelled, timed out, ...) meanwhile.
+        }
+        let reply = match result {
+            Ok(response) => HostReply { call_id, response, error: String::new() },
+            Err(error) => HostReply { call_id, response: Vec::new(), error },
+        };
+        self.queue_reply(key, reply);
+    }
+
+    fn queue_reply(&mut self, key: u32, reply: HostReply) {
+        let bytes = reply.encode_length_delimited_to_vec();
+        let Some(w) = self.worker(key) else { return };
+        w.replies.push_back(bytes);
+        if w.reply_inflight.is_none() {
+            self.post_next_reply(key);
+        }
+    }
+
+    fn post_next_reply(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        if w.reply_inflight.is_none() {
+            match w.replies.pop_front() {
+                Some(b) => w.reply_inflight = Some((b, 0)),
+                None => return,
+            }
+        }
+        let Some((bytes, off)) = w.reply_inflight.as_ref() else { return };
+        let (ptr, len) = (bytes[*off..].as_ptr(), (bytes.len() - off).min(u32::MAX as usize) as u32);
+        w.inflight += 1;
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(K_W_REPLY, key, w.gen));
+        self.push_sqe(sqe);
+    }
+
+    fn on_reply_sent(&mut self, key: u32, res: i32) {
+        let Some(w) = self.worker(key) else { return };
+        if res < 0 {
+            w.failure.get_or_insert_with(|| format!("host reply write failed: {}", std::io::Error::from_raw_os_error(-res)));
+            w.reply_inflight = None;
+            w.replies.clear();
+            return;
+        }
+        let done = match w.reply_inflight.as_mut() {
+            Some((bytes, off)) => {
+                *off += res as usize;
+                *off >= bytes.len()
+            }
+            None => return,
+        };
+        if done {
+            w.reply_inflight = None;
+        }
+        if w.state == WState::Busy {
+            self.post_next_reply(key);
         }
     }
 

@@ -50,7 +50,7 @@ pub fn load(engine: &Engine, name: &str, workers: usize) -> CodeToken {
 }
 
 pub fn opts() -> ExecuteOptions {
-    ExecuteOptions { worker_wait_timeout: Duration::from_secs(10), timeout: Duration::from_secs(20) }
+    ExecuteOptions { worker_wait_timeout: Duration::from_secs(10), timeout: Duration::from_secs(20), ..Default::default() }
 }
 
 pub fn hello(engine: &Engine, token: &CodeToken) -> roma_byob::Result<String> {

@@ -756,6 +756,105 @@ static inline int roma_udf_write_response_buf(roma_udf *u, const roma_pb_buf *b)
   return roma_udf_write_response(u, b->data != NULL ? b->data : (const uint8_t *)"", b->len);
 }
 
+/* ------------------------------------------------------------------------------ */
+/* Host API: call host functions during an execution                                */
+/* ------------------------------------------------------------------------------ */
+
+/*
+ * Wire format (proto/host_api.proto): the UDF writes the marker varint(1 << 63)
+ * (10 bytes: 80 80 80 80 80 80 80 80 80 01), then a length-delimited
+ *   HostCall { uint64 call_id = 1; string function = 2; bytes request = 3; }
+ * The host answers each call with a length-delimited
+ *   HostReply { uint64 call_id = 1; bytes response = 2; string error = 3; }
+ * Replies may come in any order when several calls are in flight. Calls are only
+ * allowed between reading the request and writing the response, and only when the
+ * code token was loaded with LoadOptions::host_api (otherwise the reply is an error).
+ */
+static const uint8_t ROMA_CALL_MARKER[10] = {0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01};
+
+/* Sends one host call. Returns 0, or -1 with errno set. */
+static inline int roma_udf_call_start(roma_udf *u, uint64_t call_id, const char *function, const void *request,
+                                      size_t request_len) {
+  roma_pb_buf call;
+  roma_pb_buf_init(&call);
+  roma_pb_put_varint_field(&call, 1, call_id);
+  roma_pb_put_string_field(&call, 2, function);
+  roma_pb_put_bytes_field(&call, 3, request, request_len);
+  int rc = -1;
+  if (!call.failed && roma_write_all(u->fd, ROMA_CALL_MARKER, sizeof ROMA_CALL_MARKER) == 0)
+    rc = roma_write_response_buf(u->fd, &call);
+  else if (call.failed)
+    errno = ENOMEM;
+  roma_pb_buf_free(&call);
+  return rc;
+}
+
+/* One host reply. `response` and `error` are malloc'd (free with
+ * roma_udf_reply_free); `error` is NULL when the call succeeded. */
+typedef struct roma_udf_reply {
+  uint64_t call_id;
+  uint8_t *response;
+  size_t response_len;
+  char *error;
+} roma_udf_reply;
+
+static inline void roma_udf_reply_free(roma_udf_reply *r) {
+  free(r->response);
+  free(r->error);
+  r->response = NULL;
+  r->error = NULL;
+}
+
+/* Reads the next reply (whichever call it answers). Returns 0, or -1 with errno set. */
+static inline int roma_udf_call_wait(roma_udf *u, roma_udf_reply *out) {
+  memset(out, 0, sizeof *out);
+  uint8_t *msg;
+  size_t len;
+  if (roma_read_request(u->fd, &msg, &len) != 0) return -1;
+  roma_pb_reader r;
+  roma_pb_field f;
+  int rc;
+  roma_pb_reader_init(&r, msg, len);
+  while ((rc = roma_pb_next(&r, &f)) == 1) {
+    if (f.number == 1 && f.wire_type == ROMA_PB_WIRE_VARINT) {
+      out->call_id = f.value;
+    } else if (f.number == 2 && f.wire_type == ROMA_PB_WIRE_LEN) {
+      free(out->response);
+      out->response = (uint8_t *)malloc(f.len > 0 ? f.len : 1);
+      if (out->response == NULL) break;
+      memcpy(out->response, f.data, f.len);
+      out->response_len = f.len;
+    } else if (f.number == 3 && f.wire_type == ROMA_PB_WIRE_LEN && f.len > 0) {
+      free(out->error);
+      out->error = (char *)malloc(f.len + 1);
+      if (out->error == NULL) break;
+      memcpy(out->error, f.data, f.len);
+      out->error[f.len] = '\0';
+    }
+  }
+  free(msg);
+  if (rc < 0) {
+    roma_udf_reply_free(out);
+    errno = EPROTO;
+    return -1;
+  }
+  if (rc == 1) {
+    roma_udf_reply_free(out);
+    errno = ENOMEM;
+    return -1;
+  }
+  return 0;
+}
+
+/* Calls one host function and waits for its reply (no other call in flight). */
+static inline int roma_udf_call(roma_udf *u, const char *function, const void *request, size_t request_len,
+                                roma_udf_reply *out) {
+  static uint64_t next_id = 1;
+  uint64_t id = next_id++;
+  if (roma_udf_call_start(u, id, function, request, request_len) != 0) return -1;
+  return roma_udf_call_wait(u, out);
+}
+
 /* Releases what the session allocated. */
 static inline void roma_udf_close(roma_udf *u) {
   free(u->request_owned);

@@ -1,0 +1,110 @@
+//! Host API callbacks: several calls in flight per execution, sync and async
+//! handlers, metadata, unknown functions, handler errors and panics, tokens without
+//! the opt-in, and the shared-memory transport. In every available mode.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use roma_byob::proto::sample::{CallbackRequest, CallbackResponse};
+use roma_byob::{Engine, ExecuteOptions, LoadOptions};
+
+fn register_all(e: &Engine) {
+    e.register_host_function("test.Echo", |_ctx, req| Ok([b"pong:".as_slice(), req].concat())).unwrap();
+    e.register_host_function("test.Meta", |ctx, _req| {
+        Ok(ctx.metadata.get("tenant").cloned().unwrap_or_default().into_bytes())
+    })
+    .unwrap();
+    e.register_host_function("test.Fail", |_ctx, _req| Err("no such key".to_string())).unwrap();
+    e.register_host_function("test.Panic", |_ctx, _req| -> roma_byob::HostResult { panic!("handler bug") }).unwrap();
+    e.register_async_host_function("test.Async", |ctx, req| async move {
+        Ok(format!("async:{}:{}", String::from_utf8_lossy(&req), ctx.code_token).into_bytes())
+    })
+    .unwrap();
+}
+
+fn call(e: &Engine, t: &roma_byob::CodeToken, functions: &[&str], payload: &str) -> Vec<String> {
+    let req = CallbackRequest { functions: functions.iter().map(|s| s.to_string()).collect(), payload: payload.into() };
+    let mut o = opts();
+    o.metadata = HashMap::from([("tenant".to_string(), "acme".to_string())]);
+    e.execute::<_, CallbackResponse>(t, &req, o).unwrap().wait().unwrap().response.results
+}
+
+#[test]
+fn host_calls_in_flight_with_every_outcome() {
+    for mode in modes() {
+        let e = engine(mode);
+        register_all(&e);
+        let t = e.load(sample("callback_udf"), LoadOptions { workers: 2, host_api: true, ..Default::default() }).unwrap();
+        let results = call(&e, &t, &["test.Echo", "test.Missing", "test.Fail", "test.Panic", "test.Async", "test.Meta"], "hi");
+        assert_eq!(
+            results,
+            vec![
+                "ok:pong:hi".to_string(),
+                "error:unknown host function \"test.Missing\"".to_string(),
+                "error:no such key".to_string(),
+                "error:host function \"test.Panic\" panicked".to_string(),
+                format!("ok:async:hi:{t}"),
+                "ok:acme".to_string(),
+            ],
+            "{mode:?}"
+        );
+        // Ten calls in flight, several executions in a row: the engine keeps serving.
+        let ten = vec!["test.Echo"; 10];
+        for i in 0..3 {
+            let results = call(&e, &t, &ten, &format!("n{i}"));
+            assert_eq!(results, vec![format!("ok:pong:n{i}"); 10]);
+        }
+        // An execution with no call at all still works (plain Roma protocol).
+        assert!(call(&e, &t, &[], "").is_empty());
+        // Unregistered functions become unknown.
+        e.unregister_host_function("test.Echo").unwrap();
+        assert_eq!(call(&e, &t, &["test.Echo"], "x"), vec!["error:unknown host function \"test.Echo\"".to_string()]);
+        assert!(e.register_host_function("test.Meta", |_, _| Ok(Vec::new())).is_err(), "duplicate names are refused");
+    }
+}
+
+#[test]
+fn host_calls_need_the_opt_in() {
+    for mode in modes() {
+        let e = engine(mode);
+        register_all(&e);
+        let t = load(&e, "callback_udf", 1);
+        let results = call(&e, &t, &["test.Echo"], "x");
+        assert_eq!(results.len(), 1);
+        assert!(results[0].starts_with("error:the host API is not enabled"), "{results:?}");
+    }
+}
+
+#[test]
+fn host_calls_work_with_the_shared_memory_transport() {
+    for mode in modes() {
+        let e = engine(mode);
+        register_all(&e);
+        let t = e
+            .load(
+                sample("callback_udf"),
+                LoadOptions { workers: 1, host_api: true, shared_memory: Some(1 << 20), ..Default::default() },
+            )
+            .unwrap();
+        assert_eq!(call(&e, &t, &["test.Echo", "test.Async"], "shm"), vec!["ok:pong:shm".to_string(), format!("ok:async:shm:{t}")]);
+    }
+}
+
+#[test]
+fn a_slow_handler_does_not_block_other_executions() {
+    let e = engine(roma_byob::Mode::Minimal);
+    e.register_host_function("test.Slow", |_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        Ok(b"late".to_vec())
+    })
+    .unwrap();
+    register_all(&e);
+    let t = e.load(sample("callback_udf"), LoadOptions { workers: 2, host_api: true, ..Default::default() }).unwrap();
+    let req = CallbackRequest { functions: vec!["test.Slow".into()], payload: Vec::new() };
+    let slow = e.execute::<_, CallbackResponse>(&t, &req, ExecuteOptions::default()).unwrap();
+    // Meanwhile another execution with a quick call completes.
+    assert_eq!(call(&e, &t, &["test.Echo"], "fast"), vec!["ok:pong:fast".to_string()]);
+    assert_eq!(slow.wait().unwrap().response.results, vec!["ok:late".to_string()]);
+}

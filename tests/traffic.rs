@@ -1,0 +1,132 @@
+//! `roma-byob traffic`: a small open-loop run (JSON report and SVG plot) and a short
+//! `--find-max-qps` search, in minimal mode. No timing thresholds: only that the runs
+//! complete, succeed and report sane values.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_roma-byob"))
+}
+
+/// A fresh directory for one test's files.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("traffic-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "roma-byob traffic failed ({})\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn read_json(path: &PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+#[test]
+fn traffic_report_and_plot() {
+    let dir = temp_dir("report");
+    let json = dir.join("report.json");
+    let svg = dir.join("latency.svg");
+    let stdout = run(cli()
+        .args(["traffic", "--mode", "minimal", "--workers", "4", "--qps", "200", "--num-queries", "200", "--no-progress"])
+        .arg("--binary")
+        .arg(roma_byob::samples::path("hello_world"))
+        .arg("--output")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg));
+    assert!(stdout.contains("invocation") && stdout.contains("burst"), "{stdout}");
+
+    let v = read_json(&json);
+    for key in [
+        "throughput_per_s",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "p999_us",
+        "failures",
+        "late_burst_pct",
+        "mode",
+        "target_qps",
+        "workers",
+        "burst_size",
+        "executions",
+        "min_us",
+        "p95_us",
+        "max_us",
+        "burst_p50_us",
+    ] {
+        assert!(v.get(key).is_some(), "key {key} missing from {v:#}");
+    }
+    assert_eq!(v["mode"], "minimal");
+    assert_eq!(v["failures"], 0, "{v:#}");
+    assert_eq!(v["executions"], 200, "{v:#}");
+    assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(v["p50_us"].as_u64().unwrap() > 0, "{v:#}");
+    assert!(v["p50_us"].as_u64() <= v["p99_us"].as_u64(), "{v:#}");
+
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"), "{}", &plot[..plot.len().min(200)]);
+    assert!(plot.contains("<polyline"), "the plot has no data series");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn traffic_request_from_json_and_bursts() {
+    // A request built from JSON through the .proto file, bursts of 5, a duration limit.
+    let dir = temp_dir("json");
+    let json = dir.join("report.json");
+    run(cli()
+        .args(["traffic", "--mode", "minimal", "--workers", "4", "--qps", "100", "--burst-size", "5"])
+        .args(["--duration", "500ms", "--no-progress", "--binary"])
+        .arg(roma_byob::samples::path("prime_sieve"))
+        .args(["--proto", concat!(env!("CARGO_MANIFEST_DIR"), "/proto/sample.proto")])
+        .args(["--request-type", "roma_byob.sample.SampleRequest", "--json", r#"{"primeBound": 1000}"#])
+        .arg("--output")
+        .arg(&json));
+    let v = read_json(&json);
+    assert_eq!(v["failures"], 0, "{v:#}");
+    assert_eq!(v["burst_size"], 5, "{v:#}");
+    assert_eq!(v["executions"], 50, "{v:#}");
+    // 168 primes below 1000, packed: more than a handful of bytes per response.
+    assert!(v["response_bytes"].as_u64().unwrap() > 50 * 100, "{v:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn traffic_find_max_qps_terminates() {
+    let dir = temp_dir("find-max");
+    let json = dir.join("max.json");
+    let stdout = run(cli()
+        .args(["traffic", "--mode", "minimal", "--workers", "4", "--qps", "100", "--num-queries", "100"])
+        .args(["--find-max-qps", "--max-steps", "4", "--no-progress", "--output"])
+        .arg(&json));
+    assert!(stdout.contains("max sustainable rate"), "{stdout}");
+    let v = read_json(&json);
+    let max = v["max_qps"].as_f64().unwrap_or_else(|| panic!("no max_qps in {v:#}"));
+    assert!(max > 0.0, "{v:#}");
+    assert_eq!(v["target_qps"].as_f64(), Some(max), "{v:#}");
+    assert!(v["search"]["other_steps"].is_array(), "{v:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn traffic_rejects_bad_arguments() {
+    let out = cli().args(["traffic", "--mode", "minimal", "--plot", "x.png", "--num-queries", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PNG"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli().args(["traffic", "--mode", "minimal", "--duration", "5 parsecs"]).output().unwrap();
+    assert!(!out.status.success());
+}
