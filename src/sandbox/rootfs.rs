@@ -86,7 +86,7 @@ pub fn enter_minimal_root(lib_mounts: &[PathBuf], scratch: &Path) -> io::Result<
         scratch,
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV,
-        Some("size=64k,nr_inodes=256,mode=0755"),
+        Some("size=64k,nr_inodes=1024,mode=0755"),
     )?;
     for lib in lib_mounts {
         let source = match std::fs::canonicalize(lib) {
@@ -98,8 +98,18 @@ pub fn enter_minimal_root(lib_mounts: &[PathBuf], scratch: &Path) -> io::Result<
         };
         let rel = lib.strip_prefix("/").unwrap_or(lib);
         let target = scratch.join(rel);
-        std::fs::create_dir_all(&target)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", target.display())))?;
+        if source.is_file() {
+            // A single file (an interpreter, say): bind it onto an empty file.
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", parent.display())))?;
+            }
+            std::fs::File::create(&target)
+                .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", target.display())))?;
+        } else {
+            std::fs::create_dir_all(&target)
+                .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", target.display())))?;
+        }
         mount(Some(&source), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
         let keep = locked_flags(&target)?;
         mount(
