@@ -37,9 +37,15 @@ unsafe impl Send for Batch {}
 pub(super) struct CtlOut {
     queue: VecDeque<OutMsg>,
     inflight: Option<Box<Batch>>,
+    /// fds of completed batches, for the reactor to close through the ring.
+    sent_fds: Vec<OwnedFd>,
 }
 
 impl CtlOut {
+    pub(super) fn take_sent_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.sent_fds)
+    }
+
     pub(super) fn push(&mut self, msg: host_to_runner::Msg, fds: Vec<OwnedFd>) {
         let bytes = frame::encode(&HostToRunner { msg: Some(msg) });
         self.queue.push_back(OutMsg { bytes, fds });
@@ -103,7 +109,9 @@ impl CtlOut {
         }
         batch.sent += res as usize;
         if batch.sent >= batch.bytes.len() {
-            self.inflight = None;
+            if let Some(done) = self.inflight.take() {
+                self.sent_fds.extend(done._fds);
+            }
             return Ok(None);
         }
         // Short send: the fds went with the first byte; send the rest without them.

@@ -81,6 +81,8 @@ pub(crate) struct ShardShared {
     eventfd: OwnedFd,
     /// Set by the shard when the sandbox cannot be restarted (or at shutdown).
     pub runner_dead: AtomicBool,
+    /// The shard is blocked (or about to block) in io_uring_enter.
+    sleeping: AtomicBool,
     pub events: std::sync::mpsc::Sender<SupervisorEvent>,
 }
 
@@ -96,9 +98,33 @@ impl ShardShared {
             Ok(mut q) => q.push(cmd),
             Err(poisoned) => poisoned.into_inner().push(cmd),
         }
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Wake the shard only if it is (about to be) asleep: a busy shard drains the
+        // queue before it waits again (see `prepare_to_sleep`).
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Called by the shard right before it blocks: returns false (and stays awake)
+    /// if commands arrived meanwhile.
+    pub(crate) fn prepare_to_sleep(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        let empty = match self.queue.lock() {
+            Ok(q) => q.is_empty(),
+            Err(p) => p.into_inner().is_empty(),
+        };
+        if !empty {
+            // Someone may have seen `sleeping` and written the eventfd: harmless.
+            self.sleeping.store(false, Ordering::SeqCst);
+        }
+        empty
+    }
+
+    /// Called by the shard after it woke up.
+    pub(crate) fn awake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
     }
 
     fn drain(&self, into: &mut Vec<Cmd>) {
@@ -127,6 +153,7 @@ impl ShardHandle {
             queue: Mutex::new(Vec::new()),
             eventfd,
             runner_dead: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
             events,
         });
         let mut builder = io_uring::IoUring::builder();

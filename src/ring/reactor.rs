@@ -32,6 +32,7 @@ const K_CTL_SEND: u64 = 3;
 const K_W_RECV: u64 = 4;
 const K_W_SEND: u64 = 5;
 const K_W_REPLY: u64 = 6;
+const K_CLOSE: u64 = 7;
 
 const RECV_CHUNK: usize = 4096;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -234,6 +235,15 @@ impl Reactor {
             }
             self.fire_timers();
             self.flush_sqes();
+            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep() {
+                // Work is already here: submit without waiting.
+                if let Err(e) = self.ring.submit() {
+                    tracing::error!(error = %e, "io_uring submit failed");
+                }
+                self.shared.awake();
+                self.reap_cqes();
+                continue;
+            }
             let timeout = self.timers.peek().map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
             let res = match timeout {
                 Some(t) => {
@@ -243,6 +253,7 @@ impl Reactor {
                 }
                 None => self.ring.submit_and_wait(1),
             };
+            self.shared.awake();
             if let Err(e) = res {
                 match e.raw_os_error() {
                     Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => {}
@@ -614,9 +625,11 @@ impl Reactor {
         let release = w.state != WState::Finished;
         w.state = WState::Finished;
         let token = w.token;
-        if let Some(fd) = w.fd.as_ref() {
-            // SAFETY: shutting down a socket we own; in-flight ops complete promptly.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if w.inflight > 0 {
+            if let Some(fd) = w.fd.as_ref() {
+                // SAFETY: shutting down a socket we own; in-flight ops complete promptly.
+                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
         }
         if release {
             self.remove_idle(key);
@@ -632,13 +645,26 @@ impl Reactor {
         let Some(w) = self.worker(key) else { return };
         if w.state == WState::Finished && w.inflight == 0 && w.exited.is_some() {
             let worker_id = w.worker_id;
+            if let Some(fd) = w.fd.take() {
+                self.close_async(fd);
+            }
             self.workers[key as usize] = None;
             self.by_worker_id.remove(&worker_id);
             self.free.push(key);
         } else if w.state == WState::Finished && w.inflight == 0 {
-            // Drop the socket now; keep the record for the exit report.
-            w.fd = None;
+            // Close the socket now (batched into the next submit); keep the record for
+            // the exit report.
+            if let Some(fd) = w.fd.take() {
+                self.close_async(fd);
+            }
         }
+    }
+
+    /// Closes an fd through the ring: no syscall of its own.
+    fn close_async(&mut self, fd: OwnedFd) {
+        use std::os::fd::IntoRawFd;
+        let sqe = opcode::Close::new(types::Fd(fd.into_raw_fd())).build().user_data(ud(K_CLOSE, 0, 0));
+        self.push_sqe(sqe);
     }
 
     fn remove_idle(&mut self, key: u32) {
@@ -684,6 +710,9 @@ impl Reactor {
                     }
                     Ok(_) => {}
                     Err(e) => self.runner_gone(&format!("cannot send to the sandbox runner: {e}")),
+                }
+                for fd in self.ctl_out.take_sent_fds() {
+                    self.close_async(fd);
                 }
             }
             K_W_RECV | K_W_SEND | K_W_REPLY => {

@@ -318,23 +318,29 @@ impl Runner {
         }
     }
 
+    /// Reaps every exited worker and reports them, one write per control connection
+    /// for the whole batch (fewer wake-ups of the engine threads).
     fn reap(&mut self) {
+        let mut batches: Vec<Vec<u8>> = vec![Vec::new(); self.conns.len()];
         loop {
             let mut status = 0;
             // SAFETY: non-blocking reap of our own children.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
-                return;
+                break;
             }
             if let Some(w) = self.pids.remove(&pid) {
                 let conn = &mut self.conns[w.conn];
                 conn.workers.remove(&w.worker_id);
                 if conn.open {
                     let msg = runner_to_host::Msg::Exited(Exited { worker_id: w.worker_id, wait_status: status });
-                    if send(conn.fd.as_raw_fd(), msg).is_err() {
-                        conn.open = false;
-                    }
+                    RunnerToHost { msg: Some(msg) }.encode_length_delimited(&mut batches[w.conn]).ok();
                 }
+            }
+        }
+        for (idx, bytes) in batches.iter().enumerate() {
+            if !bytes.is_empty() && fdpass::send_with_fds(self.conns[idx].fd.as_raw_fd(), bytes, &[]).is_err() {
+                self.conns[idx].open = false;
             }
         }
     }
