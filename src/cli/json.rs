@@ -21,6 +21,11 @@ impl ProtoTypes {
         Ok(ProtoTypes { pool })
     }
 
+    /// Full names of every message type in the file (and its imports).
+    pub fn message_names(&self) -> Vec<String> {
+        self.pool.all_messages().map(|m| m.full_name().to_string()).collect()
+    }
+
     pub fn message(&self, name: &str) -> Result<MessageDescriptor, String> {
         self.pool.get_message_by_name(name).ok_or_else(|| {
             let known: Vec<String> = self.pool.all_messages().map(|m| m.full_name().to_string()).collect();

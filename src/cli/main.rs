@@ -3,6 +3,7 @@
 mod demo;
 mod exec;
 mod json;
+mod shell;
 mod traffic;
 
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Open-loop traffic generator: bursts at a target QPS, latency percentiles, --find-max-qps.
     Traffic(traffic::TrafficArgs),
+    /// Interactive prompt (or --commands FILE): load binaries, execute JSON requests
+    /// against a proto, show responses, logs and metrics.
+    Shell(shell::ShellArgs),
 }
 
 /// Engine options shared by the subcommands.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Exec(a) => exec::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Shell(a) => shell::run(a),
         Command::Traffic(a) => traffic::run(a),
     };
     match result {
