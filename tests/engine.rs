@@ -340,3 +340,29 @@ fn sqpoll_engine_serves_executions() {
         assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
     }
 }
+
+#[test]
+fn sort_list_sorts() {
+    use roma_byob::proto::sample::{SortListRequest, SortListResponse};
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "sort_list", 1);
+        let req = SortListRequest { count: 10_000, seed: 42 };
+        let r = e.execute::<_, SortListResponse>(&t, &req, opts()).unwrap().wait().unwrap().response;
+        let mut x: u32 = 42;
+        let mut items: Vec<i32> = (0..10_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as i32
+            })
+            .collect();
+        items.sort_unstable();
+        let checksum = items
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &v)| acc.wrapping_add((i as u64 + 1).wrapping_mul(u64::from(v as u32))));
+        assert_eq!((r.count, r.min, r.max, r.checksum), (10_000, items[0], items[9_999], checksum));
+    }
+}
