@@ -25,7 +25,7 @@ fn load_and_execute_hello_world() {
 fn rust_udf_and_static_udfs() {
     for mode in modes() {
         let e = engine(mode);
-        for name in ["hello_world_rs", "hello_world_static", "hello_world_rs_static"] {
+        for name in ["hello_world_rs", "hello_world_static", "hello_world_rs_static", "hello_nolibc"] {
             let t = load(&e, name, 1);
             assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{name}");
         }

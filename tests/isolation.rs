@@ -136,3 +136,27 @@ fn syscall_filter_levels_behave_as_documented() {
         }
     }
 }
+
+#[test]
+fn library_mounts_may_live_under_tmp_and_be_single_files() {
+    use roma_byob::{Config, Engine};
+    for mode in modes() {
+        // A library directory under /tmp (the runner's scratch mount point in
+        // minimal mode) and a single file.
+        let dir = std::env::temp_dir().join(format!("roma-byob-libs-{}-{}", std::process::id(), mode.as_str()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/data.txt"), "x").unwrap();
+        std::fs::write(dir.join("single.txt"), "y").unwrap();
+        let mut lib_mounts = Config::default().lib_mounts;
+        lib_mounts.push(dir.join("sub"));
+        lib_mounts.push(dir.join("single.txt"));
+        let e = Engine::new(Config { mode, lib_mounts, syscall_filter: SyscallFilter::No, ..Default::default() }).unwrap();
+        let t = load(&e, "probe", 1);
+        let sub = dir.join("sub");
+        assert_eq!(probe(&e, &t, "list_dir", sub.to_str().unwrap()), "data.txt", "{mode:?}");
+        assert_eq!(probe(&e, &t, "stat_path", dir.join("single.txt").to_str().unwrap()), "ok", "{mode:?}");
+        assert_eq!(probe(&e, &t, "create_file", sub.join("new").to_str().unwrap()), "EROFS", "{mode:?}");
+        drop(e);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -167,6 +167,7 @@ x86_64_syscalls! {
     SYS_open_by_handle_at = 304,
     SYS_clock_adjtime = 305,
     SYS_setns = 308,
+    SYS_getcpu = 309,
     SYS_process_vm_readv = 310,
     SYS_process_vm_writev = 311,
     SYS_kcmp = 312,
@@ -376,6 +377,9 @@ const WORKER_ALLOWED: &[libc::c_long] = &[
     SYS_sysinfo,
     SYS_getpriority,
     SYS_sched_getaffinity,
+    // Read-only; glibc's sched_getcpu() falls back to it when rseq and the vDSO
+    // cannot answer (inside gVisor), and the JVM refuses to start without it.
+    SYS_getcpu,
     SYS_sched_getparam,
     SYS_sched_getscheduler,
     SYS_getrandom,

@@ -6,6 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -81,6 +82,25 @@ pub fn enter_minimal_root(lib_mounts: &[PathBuf], scratch: &Path) -> io::Result<
     write_file("/proc/self/gid_map", &format!("0 {gid} 1"))?;
 
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    // Open every source before the tmpfs covers `scratch`: a source under it (a
+    // library directory in /tmp, say) would be hidden afterwards. Bind mounts then
+    // use the fds' /proc/self/fd paths.
+    let mut sources = Vec::new();
+    for lib in lib_mounts {
+        match std::fs::canonicalize(lib).and_then(|p| {
+            let c = cstr(&p)?;
+            // SAFETY: valid path; O_PATH opens without reading.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fresh fd owned by us.
+            Ok((lib, p.is_file(), unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+        }) {
+            Ok(s) => sources.push(s),
+            Err(e) => warnings.push(format!("library mount {} skipped: {e}", lib.display())),
+        }
+    }
     mount(
         Some(Path::new("tmpfs")),
         scratch,
@@ -88,17 +108,11 @@ pub fn enter_minimal_root(lib_mounts: &[PathBuf], scratch: &Path) -> io::Result<
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("size=64k,nr_inodes=1024,mode=0755"),
     )?;
-    for lib in lib_mounts {
-        let source = match std::fs::canonicalize(lib) {
-            Ok(p) => p,
-            Err(e) => {
-                warnings.push(format!("library mount {} skipped: {e}", lib.display()));
-                continue;
-            }
-        };
+    for (lib, is_file, source_fd) in &sources {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", source_fd.as_raw_fd()));
         let rel = lib.strip_prefix("/").unwrap_or(lib);
         let target = scratch.join(rel);
-        if source.is_file() {
+        if *is_file {
             // A single file (an interpreter, say): bind it onto an empty file.
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)

@@ -1,0 +1,3 @@
+module roma-byob/udfs/go
+
+go 1.18
