@@ -1,8 +1,8 @@
 //! Sorting 10k / 100k / 1M items inside the UDF (Roma BYOB's sort_list benchmarks):
 //! a CPU-bound UDF with a small request and response.
 //!
-//! Needs the `sort_list` sample UDF; skipped with a message when it is not built. Its
-//! contract (mirrored here, since the generated sample types may not have it yet):
+//! Needs the `sort_list` sample UDF (udfs/c/sort_list.c); skipped with a message when
+//! it is not built. Its contract, checked here on the first execution of each size:
 //! `SortListRequest{count, seed}`: generate `count` int32 with xorshift32 (state =
 //! `seed`, or 2463534242 when 0; per item `x ^= x << 13; x ^= x >> 17; x ^= x << 5`,
 //! item = `(int32_t)x`), sort ascending, answer `SortListResponse{count, min, max,
@@ -13,32 +13,13 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use roma_byob::proto::sample::{SortListRequest, SortListResponse};
 
 use common::{Latency, Warmup};
 
 const SIZES: [u32; 3] = [10_000, 100_000, 1_000_000];
 const WORKERS: usize = 10;
 const SEED: u32 = 42;
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct SortListRequest {
-    #[prost(uint32, tag = "1")]
-    pub count: u32,
-    #[prost(uint32, tag = "2")]
-    pub seed: u32,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct SortListResponse {
-    #[prost(uint32, tag = "1")]
-    pub count: u32,
-    #[prost(int32, tag = "2")]
-    pub min: i32,
-    #[prost(int32, tag = "3")]
-    pub max: i32,
-    #[prost(uint64, tag = "4")]
-    pub checksum: u64,
-}
 
 /// The response `sort_list` must give for `req` (computed here the same way).
 fn expected(req: &SortListRequest) -> SortListResponse {
@@ -65,15 +46,15 @@ fn expected(req: &SortListRequest) -> SortListResponse {
 }
 
 fn bench_sort(c: &mut Criterion) {
-    let path = roma_byob::samples::path("sort_list");
-    if !path.is_file() {
+    if !roma_byob::samples::path("sort_list").is_file() {
         eprintln!(
             "SKIP sort benchmarks: the sample UDF sort_list does not exist ({}); \
              it is specified at the top of benches/sort.rs",
-            path.display()
+            roma_byob::samples::path("sort_list").display()
         );
         return;
     }
+    let Some(path) = common::sample("sort_list") else { return };
     for mc in common::modes() {
         if !mc.full {
             eprintln!("SKIP sort benchmarks in {} mode: set {}=1 to run them", mc.name(), common::GVISOR_ENV);

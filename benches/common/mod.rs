@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each bench uses a subset
 
 use std::cell::Cell;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Once;
@@ -80,14 +81,26 @@ pub fn engine(mode: Mode) -> Option<Engine> {
     }
 }
 
-/// Path of a built sample UDF, or `None` (with a message) when it was not built.
+/// A private copy of a built sample UDF (so that a concurrent rebuild of the samples
+/// cannot swap the file mid-benchmark), or `None` (with a message) when it was not
+/// built.
 pub fn sample(name: &str) -> Option<PathBuf> {
     let p = roma_byob::samples::path(name);
-    if p.is_file() {
-        Some(p)
-    } else {
+    if !p.is_file() {
         eprintln!("SKIP {name}: sample UDF {} does not exist", p.display());
-        None
+        return None;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-udfs");
+    let copy = dir.join(name);
+    let copied = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::copy(&p, &copy))
+        .and_then(|_| std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)));
+    match copied {
+        Ok(()) => Some(copy),
+        Err(e) => {
+            eprintln!("note: cannot copy {} ({e}); using it in place", p.display());
+            Some(p)
+        }
     }
 }
 

@@ -33,7 +33,8 @@ const MAX_LATENCY_US: u64 = 3_600_000_000;
 pub struct TrafficArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// UDF to run (default: the sample hello_world).
+    /// UDF to run: a path, or the name of a sample UDF such as hello_world_static
+    /// (default: the sample hello_world).
     #[arg(long)]
     binary: Option<PathBuf>,
     /// Pre-started workers for the code token.
@@ -74,10 +75,15 @@ pub struct TrafficArgs {
     #[arg(long, default_value_t = 5.0)]
     late_threshold_pct: f64,
     /// --find-max-qps: a step also needs this percentage of the target rate achieved.
-    #[arg(long, default_value_t = 90.0)]
+    #[arg(long, default_value_t = 95.0)]
     min_throughput_pct: f64,
+    /// --find-max-qps: a step also needs its p99 invocation latency at or under this
+    /// (e.g. 50ms; default: no latency bound).
+    #[arg(long, value_parser = parse_duration)]
+    max_p99: Option<Duration>,
     /// Search for the highest QPS with late bursts under --late-threshold-pct, failures
-    /// under 1 % and throughput at least --min-throughput-pct of the target.
+    /// under 1 %, throughput at least --min-throughput-pct of the target (and p99 within
+    /// --max-p99 if given).
     #[arg(long)]
     find_max_qps: bool,
     /// --find-max-qps: the most steps to run.
@@ -407,7 +413,8 @@ impl Runner<'_> {
                 std::thread::sleep(Duration::from_millis(50));
                 printed_errors = print_new_errors(&shared, printed_errors);
                 progress.update(&shared, start);
-                let done = shared.scheduler_done.load(Ordering::Acquire);
+                // is_finished: a scheduler that panicked never sets scheduler_done.
+                let done = shared.scheduler_done.load(Ordering::Acquire) || sched.is_finished();
                 let submitted = shared.submitted.load(Ordering::Acquire);
                 let completed = shared.completed.load(Ordering::Acquire);
                 if done && completed >= submitted {
@@ -416,7 +423,7 @@ impl Runner<'_> {
                 if done {
                     let since = *drained_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > self.drain_limit {
-                        let missing = submitted - completed;
+                        let missing = submitted.saturating_sub(completed);
                         eprintln!("  {missing} executions did not complete within {:?}; counted as failures", self.drain_limit);
                         shared.failed.fetch_add(missing, Ordering::AcqRel);
                         shared.completed.fetch_add(missing, Ordering::AcqRel);
@@ -605,7 +612,7 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
         check_plot_path(p)?;
     }
     let (mode, why) = a.engine.resolve_mode()?;
-    let binary = a.binary.clone().unwrap_or_else(|| roma_byob::samples::path("hello_world"));
+    let binary = resolve_binary(a.binary.as_deref());
     let request = build_request(&a)?;
 
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| format!("cannot start the engine: {e}"))?;
@@ -649,9 +656,10 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
         let Some(best) = search.best else {
             engine.shutdown();
             return Err(format!(
-                "no rate passed (late bursts < {}%, failures < 1%, throughput >= {}% of target); the lowest tried was {:.1} qps",
+                "no rate passed (late bursts < {}%, failures < 1%, throughput >= {}% of target{}); the lowest tried was {:.1} qps",
                 a.late_threshold_pct,
                 a.min_throughput_pct,
+                a.max_p99.map(|m| format!(", p99 <= {} µs", us(m))).unwrap_or_default(),
                 search.steps.iter().map(|(s, _)| s.target_qps).fold(f64::INFINITY, f64::min)
             ));
         };
@@ -707,9 +715,10 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
         (None, None) => Limit::Duration(DEFAULT_STEP),
     };
     println!(
-        "searching for the highest rate with late bursts < {}%, failures < 1%, throughput >= {}% of target ({} steps at most, each {})",
+        "searching for the highest rate with late bursts < {}%, failures < 1%, throughput >= {}% of target{} ({} steps at most, each {})",
         a.late_threshold_pct,
         a.min_throughput_pct,
+        a.max_p99.map(|m| format!(", p99 <= {} µs", us(m))).unwrap_or_default(),
         a.max_steps,
         match limit {
             Limit::Queries(n) => format!("{n} executions"),
@@ -723,10 +732,11 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
     for step in 1..=a.max_steps.max(1) {
         let label = format!("step {step} ({qps:.0} qps) ");
         let r = runner.run(qps, limit, &label)?;
+        let inv = Summary::of(&r.invocations);
         let pass = r.failure_pct() < 1.0
             && r.late_pct() < a.late_threshold_pct
-            && r.throughput() >= r.target_qps * a.min_throughput_pct / 100.0;
-        let inv = Summary::of(&r.invocations);
+            && r.throughput() >= r.target_qps * a.min_throughput_pct / 100.0
+            && a.max_p99.is_none_or(|m| inv.p99 <= us(m));
         println!(
             "  step {step:>2}: {:>9.1} qps -> {:>9.1}/s  failures {:>5.1}%  late bursts {:>5.1}%  p50 {:>7} µs  p99 {:>8} µs  {}",
             qps,
@@ -765,6 +775,20 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
         settle(mode, a.workers);
     }
     Ok(Search { steps, best, bounded: lowest_fail.is_some() })
+}
+
+/// The UDF to run: `--binary` as given when it is a file or has a directory part,
+/// else the sample UDF of that name when one exists.
+fn resolve_binary(arg: Option<&Path>) -> PathBuf {
+    let Some(p) = arg else { return roma_byob::samples::path("hello_world") };
+    let bare = p.components().count() == 1;
+    if !p.exists() && bare {
+        let sample = roma_byob::samples::path(&p.to_string_lossy());
+        if sample.is_file() {
+            return sample;
+        }
+    }
+    p.to_path_buf()
 }
 
 fn build_request(a: &TrafficArgs) -> Result<Vec<u8>, String> {
@@ -889,6 +913,7 @@ fn report_json(h: &Header, r: &StepResult, search: Option<&Search>, a: &TrafficA
                     "late_threshold_pct": a.late_threshold_pct,
                     "min_throughput_pct": a.min_throughput_pct,
                     "upper_bound_found": s.bounded,
+                    "max_p99_us": a.max_p99.map(us),
                     "other_steps": s.steps.iter().map(|(st, pass)| {
                         let mut j = step_json(st);
                         if let Some(o) = j.as_object_mut() {
