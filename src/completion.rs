@@ -74,6 +74,9 @@ impl Sink {
 
 pub(crate) type Decoder<R> = fn(Vec<u8>) -> Result<R>;
 
+/// How long [`Execution::wait`] polls before it parks the thread.
+pub const WAIT_SPIN: Duration = Duration::from_micros(50);
+
 pub(crate) fn finish<R>(raw: RawResult, decode: Decoder<R>) -> Result<Response<R>> {
     let raw = raw?;
     let response = decode(raw.body)?;
@@ -117,8 +120,18 @@ impl<R> Execution<R> {
         &self.token
     }
 
-    /// Blocks the calling thread until the execution completes.
-    pub fn wait(self) -> Result<Response<R>> {
+    /// Blocks the calling thread until the execution completes. It first polls for
+    /// up to [`WAIT_SPIN`] (a parked thread costs tens of µs to wake in a VM), then
+    /// parks.
+    pub fn wait(mut self) -> Result<Response<R>> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < WAIT_SPIN {
+            match self.rx.try_recv() {
+                Ok(Some(raw)) => return finish(raw, self.decode),
+                Ok(None) => std::hint::spin_loop(),
+                Err(_) => break,
+            }
+        }
         futures_executor::block_on(self)
     }
 }

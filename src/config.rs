@@ -105,6 +105,10 @@ pub struct Config {
     /// before the poller sleeps. Saves the `io_uring_enter` syscall per batch but
     /// burns a core while busy: only with a spare core. `None` (default): off.
     pub sqpoll_idle: Option<Duration>,
+    /// While an execution awaits its response, an engine thread polls its ring for up
+    /// to this long before sleeping: lower latency (no sleep/wake-up), more CPU.
+    /// Zero turns it off.
+    pub busy_poll: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs). Symlinks are followed; missing paths are skipped with a warning.
@@ -132,6 +136,7 @@ impl Default for Config {
             cores: Vec::new(),
             runner_cores: Vec::new(),
             sqpoll_idle: None,
+            busy_poll: Duration::ZERO,
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
             memory_limit: None,

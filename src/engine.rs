@@ -85,6 +85,7 @@ impl Engine {
                 index,
                 core: Some(*core),
                 sqpoll_idle: config.sqpoll_idle,
+                busy_poll: config.busy_poll,
                 max_response_bytes: config.max_response_bytes,
                 host_api: host_api.clone(),
             };

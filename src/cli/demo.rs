@@ -24,6 +24,10 @@ pub struct DemoArgs {
     /// Sequential executions (latency).
     #[arg(long, default_value_t = 1000)]
     sequential: usize,
+    /// Pause between sequential executions, in µs, so that every request finds a warm
+    /// pool (the slot refills off the request's path).
+    #[arg(long, default_value_t = 2000)]
+    pace_us: u64,
     /// Executions for the throughput run.
     #[arg(long, default_value_t = 5000)]
     executions: usize,
@@ -86,16 +90,26 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
 
     let mut seq = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut wait = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut send = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut resp = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     for _ in 0..a.sequential {
         // Give the slot time to refill so each request finds a warm worker.
+        std::thread::sleep(Duration::from_micros(a.pace_us));
         let s = Instant::now();
         let r = engine.execute::<_, SampleResponse>(&token, &req, opts.clone()).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;
         let _ = seq.record(us(s.elapsed()));
         let _ = wait.record(us(r.metrics.wait_for_worker));
+        let _ = send.record(us(r.metrics.send));
+        let _ = resp.record(us(r.metrics.response));
     }
-    println!("sequential, {} executions, {} workers:", a.sequential, a.workers);
+    println!(
+        "sequential, {} executions, {} workers, warm pool ({} µs between executions):",
+        a.sequential, a.workers, a.pace_us
+    );
     report("end-to-end latency", &seq);
     report("waiting for a worker", &wait);
+    report("sending the request", &send);
+    report("waiting for the response", &resp);
 
     let cpu_before = CpuSample::take(engine.sandbox_pid());
     let (tx, rx) = mpsc::channel::<Result<Duration, String>>();

@@ -72,6 +72,7 @@ pub(crate) struct ShardConfig {
     pub index: usize,
     pub core: Option<usize>,
     pub sqpoll_idle: Option<Duration>,
+    pub busy_poll: Duration,
     pub max_response_bytes: usize,
     pub host_api: Arc<crate::host_api::HostApi>,
 }
@@ -120,6 +121,14 @@ impl ShardShared {
             self.sleeping.store(false, Ordering::SeqCst);
         }
         empty
+    }
+
+    /// Whether commands are waiting (cheap check for busy polling).
+    pub(crate) fn has_commands(&self) -> bool {
+        match self.queue.try_lock() {
+            Ok(q) => !q.is_empty(),
+            Err(_) => true,
+        }
     }
 
     /// Called by the shard after it woke up.
