@@ -27,6 +27,11 @@ impl Supervisor {
         loop {
             match self.events.recv() {
                 Ok(SupervisorEvent::RunnerDied { epoch: e }) if e == epoch => {
+                    // Every shard stops using the dead sandbox now, not when its own
+                    // connection reports EOF.
+                    for shard in &self.shards {
+                        shard.push(Cmd::RunnerDown { epoch });
+                    }
                     if self.restart(epoch + 1) {
                         epoch += 1;
                     } else {

@@ -41,6 +41,8 @@ pub(crate) enum Cmd {
     /// A host function finished: send its reply to the worker (if the execution is
     /// still running on it).
     HostReply { exec: u64, worker_id: u64, call_id: u64, result: crate::host_api::HostResult },
+    /// Another shard saw sandbox generation `epoch` die.
+    RunnerDown { epoch: u64 },
     /// The supervisor restarted the sandbox: use this control connection.
     Reconnect { epoch: u64, ctl: OwnedFd },
     /// The sandbox cannot be restarted: fail everything from now on.

@@ -328,6 +328,11 @@ impl Reactor {
             Cmd::Cancel(id) => self.cancel(id),
             Cmd::Delete(token) => self.delete(token),
             Cmd::HostReply { exec, worker_id, call_id, result } => self.on_host_reply(exec, worker_id, call_id, result),
+            Cmd::RunnerDown { epoch } => {
+                if epoch == self.epoch {
+                    self.runner_gone("the sandbox died");
+                }
+            }
             Cmd::Reconnect { epoch, ctl } => self.pending_reconnect = Some((epoch, ctl)),
             Cmd::RunnerFatal(why) => {
                 self.runner_fatal = Some(why.clone());
