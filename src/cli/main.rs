@@ -47,6 +47,13 @@ pub struct EngineArgs {
     /// Path of roma-byob-runner (default: next to this binary).
     #[arg(long)]
     runner: Option<PathBuf>,
+    /// Engine threads poll for this many µs before sleeping while a response is due
+    /// (Config::busy_poll; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
+    /// Cores for the sandbox (runner and workers), e.g. 1 (default: all).
+    #[arg(long, value_delimiter = ',')]
+    runner_cores: Vec<usize>,
 }
 
 impl EngineArgs {
@@ -65,7 +72,15 @@ impl EngineArgs {
 
     pub fn config(&self, mode: Mode) -> Result<Config, String> {
         let filter: SyscallFilter = self.filter.parse().map_err(|e: roma_byob::Error| e.to_string())?;
-        Ok(Config { mode, syscall_filter: filter, cores: self.cores.clone(), runner_path: self.runner.clone(), ..Default::default() })
+        Ok(Config {
+            mode,
+            syscall_filter: filter,
+            cores: self.cores.clone(),
+            runner_cores: self.runner_cores.clone(),
+            busy_poll: std::time::Duration::from_micros(self.busy_poll_us),
+            runner_path: self.runner.clone(),
+            ..Default::default()
+        })
     }
 }
 
