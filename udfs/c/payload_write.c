@@ -41,6 +41,7 @@ int main(int argc, char **argv) {
     /* Shared memory: encode in place, no copy. */
     uint64_t total = per_element * element_count;
     if (total > room) roma_udf_die("payload_write: response does not fit the shared-memory region");
+    roma_udf_prepare_response(&u, (size_t)total);
     uint8_t *p = area;
     for (uint64_t i = 0; i < element_count; ++i) {
       *p++ = (1 << 3) | ROMA_PB_WIRE_LEN;
