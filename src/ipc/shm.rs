@@ -52,7 +52,7 @@ impl Region {
     /// first touch).
     pub fn create(len: usize) -> io::Result<Region> {
         // SAFETY: static NUL-terminated name; returns a fresh fd.
-        let raw = unsafe { libc::memfd_create(c"roma-byob-shm".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(c"roma-byob-shm".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -60,6 +60,13 @@ impl Region {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: resizing our own memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The UDF gets this fd: it must not be able to shrink the region under the
+        // host's mapping (the host would fault with SIGBUS) or grow it.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own fd.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: mapping `len` bytes of our memfd; checked for MAP_FAILED below.

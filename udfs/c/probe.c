@@ -19,6 +19,8 @@
  *   unshare_user  unshare(CLONE_NEWUSER)
  *   shm_residue   (shared-memory transport) "clean <size>" if every byte of the
  *                 region past the request is zero, else "dirty at <offset>"
+ *   shm_truncate  (shared-memory transport) ftruncate(4, 0) on the region:
+ *                 must fail (the host seals it against shrinking)
  *   shm_fill      (shared-memory transport) fills the region past the request
  *                 with 0xAB: "filled <n>"
  *   io_uring      io_uring_setup(1, ...) (kernel attack surface the runner's
@@ -353,6 +355,8 @@ int main(int argc, char **argv) {
 
   if (strcmp(probe, "shm_residue") == 0) {
     probe_shm_residue(&u);
+  } else if (strcmp(probe, "shm_truncate") == 0) {
+    set_rc_result(u.shm != NULL ? ftruncate(4, 0) : -1);
   } else if (strcmp(probe, "shm_fill") == 0) {
     probe_shm_fill(&u);
   } else if (strcmp(probe, "create_file") == 0) {
