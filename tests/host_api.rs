@@ -108,3 +108,21 @@ fn a_slow_handler_does_not_block_other_executions() {
     assert_eq!(call(&e, &t, &["test.Echo"], "fast"), vec!["ok:pong:fast".to_string()]);
     assert_eq!(slow.wait().unwrap().response.results, vec!["ok:late".to_string()]);
 }
+
+#[test]
+fn a_udf_cannot_pile_up_unbounded_host_calls() {
+    let e = engine(roma_byob::Mode::Minimal);
+    e.register_host_function("test.Slow", |_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        Ok(Vec::new())
+    })
+    .unwrap();
+    register_all(&e);
+    let t = e.load(sample("callback_udf"), LoadOptions { workers: 1, host_api: true, ..Default::default() }).unwrap();
+    let req = CallbackRequest { functions: vec!["test.Slow".into(); 600], payload: Vec::new() };
+    let err = e.execute::<_, CallbackResponse>(&t, &req, opts()).unwrap().wait().unwrap_err();
+    assert_eq!(err.code(), roma_byob::Code::Unavailable, "{err}");
+    assert!(err.message().contains("host calls in flight"), "{err}");
+    // The engine and the token keep serving.
+    assert_eq!(call(&e, &t, &["test.Echo"], "after"), vec!["ok:pong:after".to_string()]);
+}

@@ -35,6 +35,8 @@ const K_W_REPLY: u64 = 6;
 const K_CLOSE: u64 = 7;
 
 const RECV_CHUNK: usize = 4096;
+/// Host calls one execution may have outstanding (running or reply unwritten).
+const MAX_CALLS_IN_FLIGHT: u32 = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 fn ud(kind: u64, key: u32, gen: u32) -> u64 {
@@ -67,6 +69,8 @@ struct WorkerConn {
     /// Host API replies waiting to be written, and the one being written.
     replies: VecDeque<Vec<u8>>,
     reply_inflight: Option<(Vec<u8>, usize)>,
+    /// Host calls received whose reply has not been written yet.
+    calls_outstanding: u32,
     inflight: u32,
     exec: Option<u64>,
     exited: Option<i32>,
@@ -522,6 +526,7 @@ impl Reactor {
             body_filled: 0,
             replies: VecDeque::new(),
             reply_inflight: None,
+            calls_outstanding: 0,
             inflight: 0,
             exec: None,
             exited: None,
@@ -1073,6 +1078,16 @@ impl Reactor {
     /// command.
     fn on_host_call(&mut self, key: u32, call: HostCall) {
         let Some(w) = self.worker(key) else { return };
+        // Bound what one UDF can make the host hold: calls running plus replies
+        // not yet written.
+        w.calls_outstanding += 1;
+        if w.calls_outstanding > MAX_CALLS_IN_FLIGHT {
+            self.fail_worker(
+                key,
+                format!("the UDF had more than {MAX_CALLS_IN_FLIGHT} host calls in flight (replies not read); worker killed"),
+            );
+            return;
+        }
         let (worker_id, token) = (w.worker_id, w.token);
         let Some(exec_id) = w.exec else { return };
         let allowed = self.tokens.get(&token).is_some_and(|t| t.entry.host_api);
@@ -1156,6 +1171,7 @@ impl Reactor {
         };
         if done {
             w.reply_inflight = None;
+            w.calls_outstanding = w.calls_outstanding.saturating_sub(1);
         }
         if w.state == WState::Busy {
             self.post_next_reply(key);
@@ -1163,10 +1179,15 @@ impl Reactor {
     }
 
     fn garbage(&mut self, key: u32, why: String) {
+        self.fail_worker(key, format!("the UDF wrote a malformed response frame: {why}"));
+    }
+
+    /// Kills the worker and fails its execution with `Unavailable(message)`.
+    fn fail_worker(&mut self, key: u32, message: String) {
         let exec = self.worker(key).and_then(|w| w.exec);
         self.kill_worker(key);
         if let Some(id) = exec {
-            self.complete(id, Err(Error::Unavailable(format!("the UDF wrote a malformed response frame: {why}"))));
+            self.complete(id, Err(Error::Unavailable(message)));
         }
     }
 

@@ -9,7 +9,7 @@
 
 #include "roma_udf.h"
 
-#define MAX_CALLS 64
+#define MAX_CALLS 1024
 
 int main(int argc, char **argv) {
   roma_udf u;
