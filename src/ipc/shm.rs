@@ -161,10 +161,8 @@ impl Region {
                 // SAFETY: borrows our fd for the call; ManuallyDrop keeps it open.
                 unsafe { std::fs::File::from_raw_fd(self.fd.as_raw_fd()) },
             );
-            let mut out = Vec::with_capacity(len);
-            // SAFETY: read_exact_at fills all `len` bytes or fails (then `out` is
-            // dropped without being read).
-            unsafe { out.set_len(len) };
+            // Zeroed by calloc's fresh mapping (no extra pass over the memory).
+            let mut out = vec![0u8; len];
             file.read_exact_at(&mut out, off as u64).map_err(|e| format!("reading the response from shared memory: {e}"))?;
             return Ok(out);
         }
