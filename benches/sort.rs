@@ -21,30 +21,6 @@ const SIZES: [u32; 3] = [10_000, 100_000, 1_000_000];
 const WORKERS: usize = 10;
 const SEED: u32 = 42;
 
-/// The response `sort_list` must give for `req` (computed here the same way).
-fn expected(req: &SortListRequest) -> SortListResponse {
-    let mut x = if req.seed == 0 { 2_463_534_242 } else { req.seed };
-    let mut items: Vec<i32> = (0..req.count)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as i32
-        })
-        .collect();
-    items.sort_unstable();
-    let checksum = items
-        .iter()
-        .enumerate()
-        .fold(0u64, |acc, (i, &v)| acc.wrapping_add((i as u64 + 1).wrapping_mul(u64::from(v as u32))));
-    SortListResponse {
-        count: req.count,
-        min: items.first().copied().unwrap_or(0),
-        max: items.last().copied().unwrap_or(0),
-        checksum,
-    }
-}
-
 fn bench_sort(c: &mut Criterion) {
     if !roma_byob::samples::path("sort_list").is_file() {
         eprintln!(
@@ -72,7 +48,7 @@ fn bench_sort(c: &mut Criterion) {
         let mut group = c.benchmark_group("sort_list");
         for n in SIZES {
             let req = SortListRequest { count: n, seed: SEED };
-            let want = expected(&req);
+            let want = roma_byob::samples::sort_list_reference(&req);
             let mut lat = Latency::new();
             let case = format!("{}/sort_list", mc.name());
             let param = format!("{n} items");

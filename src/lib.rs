@@ -55,4 +55,29 @@ pub mod samples {
     pub fn path(name: &str) -> PathBuf {
         dir().join(name)
     }
+
+    /// The answer `sort_list` must give (its reference implementation, for tests
+    /// and benchmarks that check it).
+    pub fn sort_list_reference(req: &crate::proto::sample::SortListRequest) -> crate::proto::sample::SortListResponse {
+        let mut x = if req.seed == 0 { 2_463_534_242u32 } else { req.seed };
+        let mut items: Vec<i32> = (0..req.count)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as i32
+            })
+            .collect();
+        items.sort_unstable();
+        let checksum = items
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, &v)| acc.wrapping_add((i as u64 + 1).wrapping_mul(u64::from(v as u32))));
+        crate::proto::sample::SortListResponse {
+            count: req.count,
+            min: items.first().copied().unwrap_or(0),
+            max: items.last().copied().unwrap_or(0),
+            checksum,
+        }
+    }
 }
