@@ -782,16 +782,7 @@ mod tests {
             }
             0
         });
-        let mut buf = [0u8; 2];
-        // SAFETY: reading into a local buffer; closing our own descriptors.
-        let n = unsafe {
-            libc::close(fds[1]);
-            let n = libc::read(fds[0], buf.as_mut_ptr().cast(), 2);
-            libc::close(fds[0]);
-            n
-        };
-        assert_eq!(end, ChildEnd::Exited(0));
-        assert_eq!((n, &buf), (2, b"ok"));
+        expect_ok_from_child(end, fds);
     }
 
     /// Real kernel: both levels stacked as in production, then exec real

@@ -908,6 +908,21 @@ pub(crate) mod testing {
         }
     }
 
+    /// Asserts that a child run by [`in_child`] exited 0 after writing "ok" into
+    /// the pipe `fds` (which this closes).
+    pub(crate) fn expect_ok_from_child(end: ChildEnd, fds: [libc::c_int; 2]) {
+        let mut buf = [0u8; 2];
+        // SAFETY: reading into a local buffer; closing our own descriptors.
+        let n = unsafe {
+            libc::close(fds[1]);
+            let n = libc::read(fds[0], buf.as_mut_ptr().cast(), 2);
+            libc::close(fds[0]);
+            n
+        };
+        assert_eq!(end, ChildEnd::Exited(0));
+        assert_eq!((n, &buf), (2, b"ok"));
+    }
+
     /// errno of the last failed libc call (no allocation).
     pub(crate) fn errno() -> i32 {
         io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -1200,16 +1215,7 @@ mod tests {
             }
             0
         });
-        let mut buf = [0u8; 2];
-        // SAFETY: reading into a local buffer; closing our own descriptors.
-        let n = unsafe {
-            libc::close(fds[1]);
-            let n = libc::read(fds[0], buf.as_mut_ptr().cast(), 2);
-            libc::close(fds[0]);
-            n
-        };
-        assert_eq!(end, ChildEnd::Exited(0));
-        assert_eq!((n, &buf), (2, b"ok"));
+        expect_ok_from_child(end, fds);
         // The parent is not filtered.
         // SAFETY: creating and closing a socket.
         unsafe {
