@@ -1,24 +1,36 @@
 //! The seccomp filter levels of the sandbox.
 //!
-//! * `worker-engine` and `untrusted`: the runner (the sandbox supervisor)
-//!   installs [`runner_denylist`] on itself; seccomp filters are inherited
-//!   across fork/clone/exec and cannot be removed, so the runner and every
-//!   worker it starts are bound by it. It is a denylist (default allow)
-//!   of syscalls that neither a supervisor nor a request/response program
-//!   needs and that widen the kernel attack surface (mounting, module
-//!   loading, ptrace, bpf, io_uring, keyrings, ...). It leaves the runner's
-//!   own needs alone: `clone` with namespace flags, `execveat`,
-//!   `setrlimit`/`prlimit64`, `capset`, `prctl`, `seccomp`, `kill`,
-//!   `waitid`/`wait4`, `signalfd4`, `poll`, `sendmsg`/`recvmsg`.
-//! * `untrusted`: additionally, each worker gets [`untrusted_worker_allowlist`]
-//!   installed (after no_new_privs) right before the worker binary is exec'd.
-//!   It is default-deny: only what a short-lived request/response program
-//!   needs (statically or dynamically linked against glibc: C, C++, Rust std;
-//!   and the Python 3 and Go runtimes) is allowed, everything else fails
-//!   with [`DENY_ERRNO`].
+//! * `worker-engine`: the runner (the sandbox supervisor) installs
+//!   [`runner_denylist`] on itself; seccomp filters are inherited across
+//!   fork/clone/exec and cannot be removed, so the runner and every worker it
+//!   starts are bound by it. It is a denylist (default allow) of syscalls
+//!   that neither a supervisor nor a request/response program needs and that
+//!   widen the kernel attack surface (mounting, module loading, ptrace, bpf,
+//!   io_uring, keyrings, ...). It leaves the runner's own needs alone:
+//!   `clone` with namespace flags, `execveat`, `setrlimit`/`prlimit64`,
+//!   `capset`, `prctl`, `seccomp`, `kill`, `waitid`/`wait4`, `signalfd4`,
+//!   `poll`, `sendmsg`/`recvmsg`.
+//! * `untrusted`: every worker is bound by exactly
+//!   [`untrusted_worker_allowlist`], a default-deny allowlist of what a
+//!   short-lived request/response program needs (statically or dynamically
+//!   linked against glibc: C, C++, Rust std; and the Python 3 and Go
+//!   runtimes); everything else fails with [`DENY_ERRNO`].
 //!
-//! When both are installed the kernel applies the most restrictive answer.
-//! In both filters any ABI other than x86_64 and any x32 syscall number kill
+//!   It is installed in two layers, because turning a filter into a kernel
+//!   program (classic-to-eBPF conversion, JIT, the per-syscall action cache)
+//!   costs in proportion to its length and was ~13 % of all CPU when each
+//!   worker installed the whole allowlist (`perf record -a` on `demo`):
+//!   the runner installs [`untrusted_runner_envelope`] on itself once (the
+//!   allowlist plus the [`RUNNER_EXTRA`] syscalls the runner needs, with
+//!   `clone` and `prlimit64` unconditional), and each worker installs only
+//!   the short [`untrusted_worker_narrowing`] right before its `execveat`,
+//!   which takes the runner's extras away again. The kernel applies the most
+//!   restrictive answer of stacked filters, so a worker gets the allowlist's
+//!   answer for every syscall and argument (a test checks this on every
+//!   syscall number). The envelope is also stricter than
+//!   [`runner_denylist`], which is therefore not installed at this level.
+//!
+//! In every filter any ABI other than x86_64 and any x32 syscall number kill
 //! the process (see [`super::seccomp`]).
 //!
 //! Syscall numbers are the x86_64 ones, spelled out here so that they do not
@@ -78,9 +90,13 @@ x86_64_syscalls! {
     SYS_dup2 = 33,
     SYS_nanosleep = 35,
     SYS_getpid = 39,
+    SYS_sendmsg = 46,
+    SYS_recvmsg = 47,
     SYS_clone = 56,
     SYS_execve = 59,
     SYS_exit = 60,
+    SYS_wait4 = 61,
+    SYS_kill = 62,
     SYS_uname = 63,
     SYS_fcntl = 72,
     SYS_fsync = 74,
@@ -102,6 +118,7 @@ x86_64_syscalls! {
     SYS_getresuid = 118,
     SYS_getresgid = 120,
     SYS_capget = 125,
+    SYS_capset = 126,
     SYS_sigaltstack = 131,
     SYS_uselib = 134,
     SYS_personality = 135,
@@ -110,8 +127,10 @@ x86_64_syscalls! {
     SYS_sched_getscheduler = 145,
     SYS_vhangup = 153,
     SYS_pivot_root = 155,
+    SYS_prctl = 157,
     SYS_arch_prctl = 158,
     SYS_adjtimex = 159,
+    SYS_setrlimit = 160,
     SYS_chroot = 161,
     SYS_acct = 163,
     SYS_settimeofday = 164,
@@ -144,6 +163,7 @@ x86_64_syscalls! {
     SYS_epoll_ctl = 233,
     SYS_tgkill = 234,
     SYS_kexec_load = 246,
+    SYS_waitid = 247,
     SYS_add_key = 248,
     SYS_request_key = 249,
     SYS_keyctl = 250,
@@ -157,6 +177,7 @@ x86_64_syscalls! {
     SYS_set_robust_list = 273,
     SYS_get_robust_list = 274,
     SYS_epoll_pwait = 281,
+    SYS_signalfd4 = 289,
     SYS_eventfd2 = 290,
     SYS_epoll_create1 = 291,
     SYS_dup3 = 292,
@@ -172,7 +193,9 @@ x86_64_syscalls! {
     SYS_process_vm_writev = 311,
     SYS_kcmp = 312,
     SYS_finit_module = 313,
+    SYS_seccomp = 317,
     SYS_getrandom = 318,
+    SYS_memfd_create = 319,
     SYS_kexec_file_load = 320,
     SYS_bpf = 321,
     SYS_execveat = 322,
@@ -190,6 +213,7 @@ x86_64_syscalls! {
     SYS_fsmount = 432,
     SYS_fspick = 433,
     SYS_clone3 = 435,
+    SYS_close_range = 436,
     SYS_pidfd_getfd = 438,
     SYS_faccessat2 = 439,
     SYS_mount_setattr = 442,
@@ -285,8 +309,7 @@ const RUNNER_DENIED: &[libc::c_long] = &[
     SYS_syslog,
 ];
 
-/// Level `worker-engine` and `untrusted`: installed by the runner on itself
-/// and so inherited by all its workers. A denylist (default allow; EPERM for
+/// Level `worker-engine`: installed by the runner on itself and so inherited by all its workers. A denylist (default allow; EPERM for
 /// the listed syscalls) of what a sandbox supervisor and its children never
 /// need and that widens kernel attack surface: the mount API, `unshare`/
 /// `setns`, `chroot`/`pivot_root`, `ptrace` and cross-process memory/fd
@@ -416,9 +439,12 @@ const WORKER_ALLOWED: &[libc::c_long] = &[
     SYS_execveat,
 ];
 
-/// Level `untrusted`: the per-worker default-deny allowlist (default
-/// `Errno(EPERM)`), installed in the worker after no_new_privs and before the
-/// worker binary is exec'd, on top of the inherited [`runner_denylist`].
+/// Level `untrusted`: what every worker is bound by — a default-deny allowlist
+/// (default `Errno(EPERM)`), in force from the worker's `execveat` on. In
+/// production it is the combination of [`untrusted_runner_envelope`]
+/// (inherited from the runner) and [`untrusted_worker_narrowing`] (installed
+/// by the worker after no_new_privs); this is the reference they are tested
+/// against.
 ///
 /// Allowed: what a short-lived request/response program needs, statically or
 /// dynamically linked against glibc (C, C++, Rust std), and the Python 3 and
@@ -443,34 +469,81 @@ const WORKER_ALLOWED: &[libc::c_long] = &[
 /// (`chmod`, `unlink`, `mkdir`, `rename`, ...), `memfd_create`, `io_uring`,
 /// `bpf`, ...
 pub fn untrusted_worker_allowlist() -> Filter {
+    untrusted_allowlist(false)
+}
+
+/// What the runner needs beyond [`untrusted_worker_allowlist`] (besides
+/// process-creating `clone` and setting limits with `prlimit64`): its control
+/// connections (`sendmsg`/`recvmsg` with descriptors), child management
+/// (`wait4`, `waitid`, `kill`, `signalfd4`), the worker set-up steps between
+/// `clone` and `execveat` (`close_range`, `prctl`, `setrlimit`, `capset`,
+/// `seccomp`) and, in gVisor mode, `memfd_create` for binary copies. None of
+/// them is allowed to workers.
+pub const RUNNER_EXTRA: &[libc::c_long] = &[
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_wait4,
+    SYS_waitid,
+    SYS_kill,
+    SYS_signalfd4,
+    SYS_close_range,
+    SYS_prctl,
+    SYS_setrlimit,
+    SYS_capset,
+    SYS_seccomp,
+    SYS_memfd_create,
+];
+
+/// Level `untrusted`, installed by the runner on itself once: the worker
+/// allowlist plus [`RUNNER_EXTRA`], with `clone` and `prlimit64` allowed
+/// whatever their arguments. Default-deny, so the runner itself is held to
+/// far less than [`runner_denylist`] allows.
+pub fn untrusted_runner_envelope() -> Filter {
+    untrusted_allowlist(true)
+}
+
+/// Level `untrusted`, installed by each worker on top of the inherited
+/// [`untrusted_runner_envelope`] right before `execveat`: default allow, and
+/// the allowlist's answer for everything the envelope adds — EPERM for
+/// [`RUNNER_EXTRA`], `clone` only for threads, `prlimit64` only as a query.
+/// Under a third of the allowlist's length (64 instructions against 230), so
+/// it is cheaper to load.
+pub fn untrusted_worker_narrowing() -> Filter {
+    let mut filter = Filter::new(Action::Allow);
+    filter.rules(RUNNER_EXTRA, DENY);
+    add_thread_only_clone(&mut filter);
+    add_query_only_prlimit(&mut filter);
+    filter
+}
+
+fn add_thread_only_clone(filter: &mut Filter) {
+    filter.rule_if(
+        SYS_clone,
+        vec![ArgCond::low(0, CLONE_THREAD | CLONE_NAMESPACES, CLONE_THREAD)],
+        Action::Allow,
+        DENY,
+    );
+}
+
+fn add_query_only_prlimit(filter: &mut Filter) {
+    filter.rule_if(SYS_prlimit64, ArgCond::u64_eq(2, 0).to_vec(), Action::Allow, DENY);
+}
+
+/// The allowlist; `runner` widens it into [`untrusted_runner_envelope`].
+fn untrusted_allowlist(runner: bool) -> Filter {
     let mut filter = Filter::new(DENY);
     filter.rules(WORKER_ALLOWED, Action::Allow);
     for request in [TCGETS, FIONREAD, FIOCLEX, FIONCLEX] {
-        filter.rule_if(
-            SYS_ioctl,
-            vec![ArgCond::low_eq(1, request)],
-            Action::Allow,
-            DENY,
-        );
+        filter.rule_if(SYS_ioctl, vec![ArgCond::low_eq(1, request)], Action::Allow, DENY);
     }
-    filter
-        .rule_if(
-            SYS_prlimit64,
-            ArgCond::u64_eq(2, 0).to_vec(),
-            Action::Allow,
-            DENY,
-        )
-        .rule_if(
-            SYS_clone,
-            vec![ArgCond::low(
-                0,
-                CLONE_THREAD | CLONE_NAMESPACES,
-                CLONE_THREAD,
-            )],
-            Action::Allow,
-            DENY,
-        )
-        .rule(SYS_clone3, Action::Errno(libc::ENOSYS as u16));
+    if runner {
+        filter.rules(RUNNER_EXTRA, Action::Allow);
+        filter.rule(SYS_clone, Action::Allow).rule(SYS_prlimit64, Action::Allow);
+    } else {
+        add_thread_only_clone(&mut filter);
+        add_query_only_prlimit(&mut filter);
+    }
+    filter.rule(SYS_clone3, Action::Errno(libc::ENOSYS as u16));
     filter
 }
 
@@ -500,6 +573,8 @@ mod tests {
         for (name, filter) in [
             ("runner_denylist", runner_denylist()),
             ("untrusted_worker_allowlist", untrusted_worker_allowlist()),
+            ("untrusted_runner_envelope", untrusted_runner_envelope()),
+            ("untrusted_worker_narrowing", untrusted_worker_narrowing()),
         ] {
             let (program, max_steps) = assert_equivalent(&filter, 600, 24, 7);
             eprintln!(
@@ -508,6 +583,82 @@ mod tests {
             );
             assert!(program.len() < 400, "{name}: {}", program.len());
             assert!(max_steps < 40, "{name}: {max_steps}");
+        }
+    }
+
+    /// What the kernel returns for two stacked filters (`first` installed
+    /// first): the most restrictive action; for two errnos, the newer one's.
+    fn stacked(first: Action, second: Action) -> Action {
+        let rank = |a: Action| match a {
+            Action::KillProcess => 2,
+            Action::Errno(_) => 1,
+            Action::Allow => 0,
+        };
+        if rank(second) >= rank(first) {
+            second
+        } else {
+            first
+        }
+    }
+
+    #[test]
+    fn envelope_plus_narrowing_is_exactly_the_worker_allowlist() {
+        let allowlist = untrusted_worker_allowlist();
+        let envelope = untrusted_runner_envelope();
+        let narrowing = untrusted_worker_narrowing();
+        let (p_env, p_nar) = (envelope.compile().unwrap(), narrowing.compile().unwrap());
+        let mut rng = Rng(0x5eed);
+        let mut arg_sets = interesting_args(&allowlist, &mut rng, 24);
+        arg_sets.extend(interesting_args(&narrowing, &mut rng, 24));
+        let edges = [X32_SYSCALL_BIT - 1, X32_SYSCALL_BIT, X32_SYSCALL_BIT | 39, u32::MAX];
+        for nr in (0..=600).chain(edges) {
+            for args in &arg_sets {
+                for arch in [super::super::seccomp::AUDIT_ARCH_X86_64, 0x4000_0003] {
+                    let want = allowlist.evaluate(arch, nr, args);
+                    let reference = stacked(envelope.evaluate(arch, nr, args), narrowing.evaluate(arch, nr, args));
+                    assert_eq!(reference, want, "reference: arch {arch:#x} nr {nr} args {args:x?}");
+                    let (a, _) = simulate_steps(&p_env, arch, nr, args);
+                    let (b, _) = simulate_steps(&p_nar, arch, nr, args);
+                    assert_eq!(stacked(a, b), want, "compiled: arch {arch:#x} nr {nr} args {args:x?}");
+                }
+            }
+        }
+        for extra in RUNNER_EXTRA {
+            assert!(!WORKER_ALLOWED.contains(extra), "{extra} is both a runner extra and allowed to workers");
+        }
+        let full = untrusted_worker_allowlist().compile().unwrap().len();
+        assert!(p_nar.len() * 3 < full, "narrowing {} vs allowlist {full} instructions", p_nar.len());
+    }
+
+    #[test]
+    fn envelope_is_stricter_than_the_denylist() {
+        let envelope = untrusted_runner_envelope();
+        let denylist = runner_denylist();
+        let mut rng = Rng(0xd0d0);
+        let mut arg_sets = interesting_args(&denylist, &mut rng, 16);
+        arg_sets.extend(interesting_args(&envelope, &mut rng, 16));
+        for nr in 0..=600u32 {
+            for args in &arg_sets {
+                let arch = super::super::seccomp::AUDIT_ARCH_X86_64;
+                if denylist.evaluate(arch, nr, args) != Action::Allow {
+                    assert_ne!(envelope.evaluate(arch, nr, args), Action::Allow, "nr {nr} args {args:x?}");
+                }
+            }
+        }
+        // And it leaves the runner what it needs.
+        let p = envelope.compile().unwrap();
+        let runner_clone = (libc::CLONE_VM
+            | libc::CLONE_VFORK
+            | libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWNET
+            | libc::SIGCHLD) as u64;
+        assert_eq!(simulate(&p, SYS_clone as u32, &args(&[runner_clone])), Action::Allow);
+        assert_eq!(simulate(&p, SYS_prlimit64 as u32, &args(&[0, 9, 0x7ffd_0000_1000, 0])), Action::Allow);
+        for needed in RUNNER_EXTRA.iter().chain(&[SYS_poll, SYS_read, SYS_write, SYS_execveat, SYS_dup2, SYS_fcntl]) {
+            assert_eq!(simulate(&p, *needed as u32, &args(&[1, 2, 3])), Action::Allow, "{needed}");
         }
     }
 
@@ -716,8 +867,16 @@ mod tests {
     #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
     #[test]
     fn kernel_enforces_worker_allowlist() {
-        let program = untrusted_worker_allowlist().compile().unwrap();
-        let fprog = program.as_fprog();
+        let allowlist = untrusted_worker_allowlist().compile().unwrap();
+        let envelope = untrusted_runner_envelope().compile().unwrap();
+        let narrowing = untrusted_worker_narrowing().compile().unwrap();
+        // The reference allowlist alone, and the production stack.
+        kernel_enforces(&[allowlist.as_fprog()]);
+        kernel_enforces(&[envelope.as_fprog(), narrowing.as_fprog()]);
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
+    fn kernel_enforces(filters: &[libc::sock_fprog]) {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for two descriptors.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -725,9 +884,11 @@ mod tests {
             if !no_new_privs() {
                 return 10;
             }
-            // SAFETY: `fprog` describes `program`, alive in this child.
-            if unsafe { super::super::seccomp::install_raw(&fprog) } != 0 {
-                return 11;
+            for fprog in filters {
+                // SAFETY: `fprog` describes a compiled program the caller keeps alive.
+                if unsafe { super::super::seccomp::install_raw(fprog) } != 0 {
+                    return 11;
+                }
             }
             // SAFETY: plain syscalls with valid (or deliberately bogus but
             // harmless) arguments; a clone that unexpectedly succeeds exits.
@@ -791,9 +952,14 @@ mod tests {
     #[test]
     fn kernel_runs_real_programs_under_both_levels() {
         use std::ffi::CString;
-        let runner = runner_denylist().compile().unwrap();
-        let worker = untrusted_worker_allowlist().compile().unwrap();
-        let (runner, worker) = (runner.as_fprog(), worker.as_fprog());
+        let denylist = runner_denylist().compile().unwrap();
+        let envelope = untrusted_runner_envelope().compile().unwrap();
+        let narrowing = untrusted_worker_narrowing().compile().unwrap();
+        // (runner's filter, worker's filter): level worker-engine, level untrusted.
+        let levels = [
+            (denylist.as_fprog(), None),
+            (envelope.as_fprog(), Some(narrowing.as_fprog())),
+        ];
         let script = "import json, os, sys, hashlib, re, threading\n\
                       t = threading.Thread(target=lambda: None); t.start(); t.join()\n\
                       print(json.dumps({'pid': os.getpid(), 'h': hashlib.sha256(b'x').hexdigest()}))\n\
@@ -805,7 +971,7 @@ mod tests {
             &["/usr/bin/python3", "-c", script],
         ];
         let devnull = CString::new("/dev/null").unwrap();
-        for command in commands {
+        for ((runner, worker), command) in levels.iter().flat_map(|l| commands.iter().map(move |c| (l, c))) {
             if !std::path::Path::new(command[0]).exists() {
                 eprintln!("skipping {}: not installed", command[0]);
                 continue;
@@ -824,15 +990,17 @@ mod tests {
                     if !no_new_privs() {
                         return 31;
                     }
-                    if super::super::seccomp::install_raw(&runner) != 0 {
+                    if super::super::seccomp::install_raw(runner) != 0 {
                         return 32;
                     }
-                    // The runner's own needs still work under its filter.
-                    if libc::personality(0xffff_ffff) == -1 || libc::personality(0) != -1 {
+                    // What the runner's filter must deny.
+                    if libc::personality(0) != -1 {
                         return 33;
                     }
-                    if super::super::seccomp::install_raw(&worker) != 0 {
-                        return 34;
+                    if let Some(worker) = worker {
+                        if super::super::seccomp::install_raw(worker) != 0 {
+                            return 34;
+                        }
                     }
                     libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
                     35

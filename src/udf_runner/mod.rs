@@ -198,19 +198,25 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         }
         other => return Err(format!("unsupported mode {other:?}")),
     };
-    let worker_filter = match args.filter.as_str() {
-        "no" | "worker-engine" => None,
-        "untrusted" => {
-            let prog = policy::untrusted_worker_allowlist()
-                .compile()
-                .map_err(|e| format!("compile worker seccomp filter: {e}"))?;
+    // The runner's own filter and the one each worker adds before exec (see
+    // `policy`: at level `untrusted` the runner holds the allowlist widened by its
+    // own needs and workers install only the short narrowing, which is cheap to load).
+    let (runner_filter, worker_filter) = match args.filter.as_str() {
+        "no" => (None, None),
+        "worker-engine" => (Some(policy::runner_denylist()), None),
+        "untrusted" => (Some(policy::untrusted_runner_envelope()), Some(policy::untrusted_worker_narrowing())),
+        other => return Err(format!("unknown filter level {other:?}")),
+    };
+    let worker_filter = match worker_filter {
+        Some(filter) => {
+            let prog = filter.compile().map_err(|e| format!("compile worker seccomp filter: {e}"))?;
             let fprog = prog.as_fprog();
             Some((prog, fprog))
         }
-        other => return Err(format!("unknown filter level {other:?}")),
+        None => None,
     };
-    if args.filter != "no" {
-        let prog = policy::runner_denylist().compile().map_err(|e| format!("compile runner seccomp filter: {e}"))?;
+    if let Some(filter) = runner_filter {
+        let prog = filter.compile().map_err(|e| format!("compile runner seccomp filter: {e}"))?;
         // SAFETY: prctl on our own process.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
             return Err(format!("prctl(NO_NEW_PRIVS): {}", io::Error::last_os_error()));
