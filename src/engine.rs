@@ -86,6 +86,8 @@ impl Engine {
                 core: Some(*core),
                 sqpoll_idle: config.sqpoll_idle,
                 busy_poll: config.busy_poll,
+                batch_wait: config.batch_wait,
+                batch_min_in_flight: config.batch_min_in_flight.max(1),
                 max_response_bytes: config.max_response_bytes,
                 host_api: host_api.clone(),
             };

@@ -51,6 +51,14 @@ pub struct EngineArgs {
     /// (Config::busy_poll; 0 = off).
     #[arg(long, default_value_t = 0)]
     busy_poll_us: u64,
+    /// Under load, engine threads let completions accumulate for up to this many µs
+    /// per wake-up (Config::batch_wait; 0 = off).
+    #[arg(long, default_value_t = 200)]
+    batch_wait_us: u64,
+    /// Executions a shard must have (queued or running) before waits are batched
+    /// (Config::batch_min_in_flight).
+    #[arg(long, default_value_t = 8)]
+    batch_min_in_flight: usize,
     /// Cores for the sandbox (runner and workers), e.g. 1 (default: all).
     #[arg(long, value_delimiter = ',')]
     runner_cores: Vec<usize>,
@@ -78,6 +86,8 @@ impl EngineArgs {
             cores: self.cores.clone(),
             runner_cores: self.runner_cores.clone(),
             busy_poll: std::time::Duration::from_micros(self.busy_poll_us),
+            batch_wait: std::time::Duration::from_micros(self.batch_wait_us),
+            batch_min_in_flight: self.batch_min_in_flight,
             runner_path: self.runner.clone(),
             ..Default::default()
         })

@@ -75,6 +75,10 @@ pub(crate) struct ShardConfig {
     pub core: Option<usize>,
     pub sqpoll_idle: Option<Duration>,
     pub busy_poll: Duration,
+    /// Under load (at least `batch_min_in_flight` executions on the shard) the
+    /// shard waits up to this long to collect several completions per wake-up.
+    pub batch_wait: Duration,
+    pub batch_min_in_flight: usize,
     pub max_response_bytes: usize,
     pub host_api: Arc<crate::host_api::HostApi>,
 }
@@ -167,29 +171,39 @@ impl ShardHandle {
             sleeping: AtomicBool::new(false),
             events,
         });
-        let mut builder = io_uring::IoUring::builder();
-        if let Some(idle) = config.sqpoll_idle {
-            builder.setup_sqpoll(idle.as_millis().min(u32::MAX as u128) as u32);
-            if let Some(core) = config.core {
-                builder.setup_sqpoll_cpu(core as u32);
-            }
-        }
-        let ring = builder.build(1024).map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "cannot create an io_uring ({e}); check kernel.io_uring_disabled and RLIMIT_MEMLOCK"
-            ))
-        })?;
         let thread_shared = shared.clone();
         let name = format!("roma-ring-{}", config.index);
+        // The ring is created on its own thread: with IORING_SETUP_SINGLE_ISSUER the
+        // creating task is the only one allowed to submit.
+        let (built_tx, built_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
                 if let Some(core) = config.core {
                     pin_to_core(core);
                 }
-                reactor::Reactor::new(ring, config, thread_shared, ctl).run();
+                let (ring, deferred) = match build_ring(&config) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = built_tx.send(Ok(()));
+                reactor::Reactor::new(ring, deferred, config, thread_shared, ctl).run();
             })
             .map_err(|e| Error::io("spawn engine thread", e))?;
+        match built_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Internal("the engine thread died while creating its io_uring".into()));
+            }
+        }
         Ok(ShardHandle { shared, thread: Some(thread) })
     }
 
@@ -206,6 +220,41 @@ impl ShardHandle {
         self.shared.runner_dead.load(Ordering::Acquire)
     }
 }
+
+/// Creates a shard's ring on the calling (shard) thread. Without SQPOLL the ring
+/// defers completion work to the shard's own `io_uring_enter` calls
+/// (IORING_SETUP_DEFER_TASKRUN): socket completions then neither interrupt the
+/// thread nor wake it before as many completions as it asked for are ready,
+/// which is what lets the wait batch them (see `ShardConfig::batch_wait`).
+/// Returns the ring and whether completion work is deferred.
+fn build_ring(config: &ShardConfig) -> Result<(io_uring::IoUring, bool)> {
+    let fail = |e: std::io::Error| {
+        Error::FailedPrecondition(format!(
+            "cannot create an io_uring ({e}); check kernel.io_uring_disabled and RLIMIT_MEMLOCK"
+        ))
+    };
+    if let Some(idle) = config.sqpoll_idle {
+        let mut builder = io_uring::IoUring::builder();
+        builder.setup_sqpoll(idle.as_millis().min(u32::MAX as u128) as u32);
+        if let Some(core) = config.core {
+            builder.setup_sqpoll_cpu(core as u32);
+        }
+        return builder.build(RING_ENTRIES).map(|r| (r, false)).map_err(fail);
+    }
+    let mut builder = io_uring::IoUring::builder();
+    builder.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+    match builder.build(RING_ENTRIES) {
+        Ok(ring) => Ok((ring, true)),
+        // Kernels before 6.1 lack DEFER_TASKRUN.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::info!("io_uring without DEFER_TASKRUN (kernel before 6.1?): completions are not batched");
+            io_uring::IoUring::builder().build(RING_ENTRIES).map(|r| (r, false)).map_err(fail)
+        }
+        Err(e) => Err(fail(e)),
+    }
+}
+
+const RING_ENTRIES: u32 = 1024;
 
 pub(crate) fn pin_to_core(core: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity
