@@ -1,7 +1,15 @@
 //! The in-sandbox runner: receives binaries and spawn orders from the host engine on
 //! one control socket per engine ring, starts workers through [`spawn::Spawner`],
-//! reaps them and reports every exit. Single-threaded on purpose (it `clone`s with
-//! `CLONE_VM|CLONE_VFORK` and `unshare`s).
+//! reaps them and reports every exit.
+//!
+//! Threads: set-up (`unshare`, `pivot_root`, the seccomp filter) runs while the
+//! process is single-threaded; then each control connection gets its own thread,
+//! which reads that connection's orders and spawns its workers, so the engine's
+//! shards spawn in parallel (a spawn holds its thread for the whole
+//! `clone(CLONE_VFORK)` → `execveat`, ~100-200 µs). The main thread reaps every
+//! worker (signalfd for SIGCHLD, `waitpid(-1)`) and reports exits on the owning
+//! connection. Worker table and `waitpid` share one lock, so a pid in the table
+//! is never a recycled one when a connection thread signals it.
 
 pub mod spawn;
 
@@ -9,6 +17,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
@@ -99,26 +108,61 @@ struct Worker {
     code_id: u64,
 }
 
-struct Conn {
-    fd: OwnedFd,
-    decoder: frame::Decoder,
-    fds: std::collections::VecDeque<OwnedFd>,
-    binaries: HashMap<u64, OwnedFd>,
-    workers: HashMap<u64, libc::pid_t>,
-    open: bool,
+/// Every live worker, shared by the connection threads (which spawn and kill) and
+/// the main thread (which reaps under the same lock).
+#[derive(Default)]
+struct Tables {
+    pids: HashMap<libc::pid_t, Worker>,
+    by_worker: HashMap<(usize, u64), libc::pid_t>,
+    /// Reaped before the spawning thread registered them (workers that exit at
+    /// once, or failed before exec).
+    early: HashMap<libc::pid_t, i32>,
 }
 
-struct Runner {
-    conns: Vec<Conn>,
-    pids: HashMap<libc::pid_t, Worker>,
-    spawner: Spawner,
+/// State every thread sees.
+struct Shared {
+    tables: Mutex<Tables>,
+    /// The control connections; closed only when the runner returns.
+    conns: Vec<OwnedFd>,
+    /// Per connection: still open? Held while writing, so reports from the main
+    /// thread and from the connection's thread never interleave.
+    open: Vec<Mutex<bool>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// Sends encoded frames on connection `idx`; false once it is closed.
+    fn send_frames(&self, idx: usize, bytes: &[u8]) -> bool {
+        let mut open = lock(&self.open[idx]);
+        if *open && fdpass::send_with_fds(self.conns[idx].as_raw_fd(), bytes, &[]).is_err() {
+            *open = false;
+        }
+        *open
+    }
+
+    fn send(&self, idx: usize, msg: runner_to_host::Msg) -> bool {
+        self.send_frames(idx, &frame::encode(&RunnerToHost { msg: Some(msg) }))
+    }
+
+    fn exited(worker_id: u64, status: i32, into: &mut Vec<u8>) {
+        let msg = runner_to_host::Msg::Exited(Exited { worker_id, wait_status: status });
+        RunnerToHost { msg: Some(msg) }.encode_length_delimited(into).ok();
+    }
+}
+
+/// What a connection thread needs to start workers.
+struct Settings {
     devnull: OwnedFd,
-    /// The compiled worker program and the fprog pointing into it (kept together so
-    /// the pointer stays valid).
-    worker_filter: Option<(seccomp::Program, libc::sock_fprog)>,
+    /// The worker's own seccomp program, if the level has one.
+    worker_filter: Option<seccomp::Program>,
     /// gVisor cannot exec a host memfd reliably (ENXIO; `/proc/self/exe` would read
     /// `host:[N]`): binaries are copied into a sandbox memfd at load.
     copy_binaries: bool,
+    /// Namespace flags beyond user/PID/IPC/UTS for every worker.
+    extra_clone_flags: libc::c_int,
     rlimit_as: Option<libc::rlimit>,
     rlimit_fsize: libc::rlimit,
 }
@@ -139,14 +183,14 @@ pub fn run(args: Vec<String>) -> i32 {
     };
     let first = args.control_fds[0];
     match setup(&args) {
-        Ok((mut runner, warnings)) => {
-            for c in &runner.conns {
-                if let Err(e) = send(c.fd.as_raw_fd(), runner_to_host::Msg::Started(Started { warnings: warnings.clone() })) {
+        Ok((conns, settings, warnings)) => {
+            for c in &conns {
+                if let Err(e) = send(c.as_raw_fd(), runner_to_host::Msg::Started(Started { warnings: warnings.clone() })) {
                     eprintln!("roma-byob-runner: cannot report start-up: {e}");
                     return 1;
                 }
             }
-            runner.event_loop();
+            serve(conns, settings);
             0
         }
         Err(e) => {
@@ -157,7 +201,7 @@ pub fn run(args: Vec<String>) -> i32 {
     }
 }
 
-fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
+fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), String> {
     let devnull = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -208,13 +252,11 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         other => return Err(format!("unknown filter level {other:?}")),
     };
     let worker_filter = match worker_filter {
-        Some(filter) => {
-            let prog = filter.compile().map_err(|e| format!("compile worker seccomp filter: {e}"))?;
-            let fprog = prog.as_fprog();
-            Some((prog, fprog))
-        }
+        Some(filter) => Some(filter.compile().map_err(|e| format!("compile worker seccomp filter: {e}"))?),
         None => None,
     };
+    // Installed while the process has one thread: a seccomp filter binds the thread
+    // that installs it and the threads and processes it creates afterwards.
     if let Some(filter) = runner_filter {
         let prog = filter.compile().map_err(|e| format!("compile runner seccomp filter: {e}"))?;
         // SAFETY: prctl on our own process.
@@ -223,7 +265,8 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         }
         prog.install().map_err(|e| format!("install runner seccomp filter: {e}"))?;
     }
-    // SIGCHLD is handled through a signalfd.
+    // SIGCHLD is handled through a signalfd; blocked before any thread exists, so
+    // every thread inherits the mask and the signal stays pending for the signalfd.
     // SAFETY: sigset manipulation on a local set, then blocking it for this thread.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -231,235 +274,290 @@ fn setup(args: &RunnerArgs) -> Result<(Runner, Vec<String>), String> {
         libc::sigaddset(&mut set, libc::SIGCHLD);
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    let conns = control_fds
-        .into_iter()
-        .map(|fd| Conn {
-            fd,
-            decoder: frame::Decoder::default(),
-            fds: Default::default(),
-            binaries: HashMap::new(),
-            workers: HashMap::new(),
-            open: true,
-        })
-        .collect();
-    let rlimit_as = args.rlimit_as.map(|(s, h)| libc::rlimit { rlim_cur: s, rlim_max: h });
     let fsize = args.max_log_bytes;
-    Ok((
-        Runner {
-            conns,
-            pids: HashMap::new(),
-            // Minimal mode: the runner's own network namespace is empty, workers share
-            // it. gVisor: the container has a loopback, so each worker gets its own.
-            spawner: Spawner::new(if gvisor { libc::CLONE_NEWNET } else { 0 }),
-            devnull: devnull.into(),
-            worker_filter,
-            copy_binaries: gvisor,
-            rlimit_as,
-            rlimit_fsize: libc::rlimit { rlim_cur: fsize, rlim_max: fsize },
-        },
-        warnings,
-    ))
+    let settings = Settings {
+        devnull: devnull.into(),
+        worker_filter,
+        copy_binaries: gvisor,
+        // Minimal mode: the runner's own network namespace is empty, workers share
+        // it. gVisor: the container has a loopback, so each worker gets its own.
+        extra_clone_flags: if gvisor { libc::CLONE_NEWNET } else { 0 },
+        rlimit_as: args.rlimit_as.map(|(s, h)| libc::rlimit { rlim_cur: s, rlim_max: h }),
+        rlimit_fsize: libc::rlimit { rlim_cur: fsize, rlim_max: fsize },
+    };
+    Ok((control_fds, settings, warnings))
 }
 
-impl Runner {
-    fn event_loop(&mut self) {
-        // SAFETY: creating a signalfd for the SIGCHLD we blocked in setup.
-        let sfd = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-        };
-        if sfd < 0 {
-            eprintln!("roma-byob-runner: signalfd: {}", io::Error::last_os_error());
-            return;
-        }
-        // SAFETY: fresh fd from signalfd.
-        let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + 1);
-            pfds.push(libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-            for c in &self.conns {
-                let fd = if c.open { c.fd.as_raw_fd() } else { -1 };
-                pfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+/// Runs one thread per control connection and reaps on this one until every
+/// connection is closed; then kills and reaps whatever is left.
+fn serve(conns: Vec<OwnedFd>, settings: Settings) {
+    // SAFETY: creating a signalfd for the SIGCHLD blocked in setup.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if sfd < 0 {
+        eprintln!("roma-byob-runner: signalfd: {}", io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: fresh fd from signalfd.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+    // Connection threads write a byte here when they finish.
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        eprintln!("roma-byob-runner: pipe: {}", io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: fresh fds from pipe2, owned here.
+    let (done_r, done_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let n = conns.len();
+    let shared = Arc::new(Shared { tables: Mutex::new(Tables::default()), open: (0..n).map(|_| Mutex::new(true)).collect(), conns });
+    let settings = Arc::new(settings);
+    let done_w = Arc::new(done_w);
+    let mut threads = Vec::with_capacity(n);
+    for idx in 0..n {
+        let conn = ConnThread::new(idx, shared.clone(), settings.clone());
+        let done = done_w.clone();
+        let spawned = std::thread::Builder::new().name(format!("conn-{idx}")).spawn(move || {
+            conn.run();
+            // SAFETY: one byte from a local to our own pipe.
+            unsafe { libc::write(done.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                eprintln!("roma-byob-runner: cannot start connection thread {idx}: {e}");
+                let _ = shared.send(idx, runner_to_host::Msg::StartFailed(StartFailed { error: format!("runner thread: {e}") }));
+                *lock(&shared.open[idx]) = false;
+                // SAFETY: as above.
+                unsafe { libc::write(done_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
             }
-            // SAFETY: pfds is a valid array of pollfd for the call.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                eprintln!("roma-byob-runner: poll: {}", io::Error::last_os_error());
-                break;
-            }
-            if pfds[0].revents != 0 {
-                let mut info = [0u8; 128];
-                // SAFETY: drain the signalfd into a local buffer.
-                while unsafe { libc::read(sfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
-                self.reap();
-            }
-            for i in 0..self.conns.len() {
-                if pfds[i + 1].revents != 0 {
-                    self.read_conn(i, &mut buf);
-                }
-            }
-            if self.conns.iter().all(|c| !c.open) {
-                break;
-            }
-        }
-        // The engine is gone: kill and reap everything.
-        for pid in self.pids.keys() {
-            // SAFETY: signalling our own children.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
-        while !self.pids.is_empty() {
-            let mut status = 0;
-            // SAFETY: reaping our own children.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid <= 0 {
-                break;
-            }
-            self.pids.remove(&pid);
         }
     }
+    let mut finished = 0;
+    while finished < n {
+        let mut pfds = [
+            libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: done_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: pfds is a valid array of pollfd for the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("roma-byob-runner: poll: {}", io::Error::last_os_error());
+            break;
+        }
+        if pfds[0].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: drain the signalfd into a local buffer.
+            while unsafe { libc::read(sfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
+            reap(&shared);
+        }
+        if pfds[1].revents != 0 {
+            let mut bytes = [0u8; 16];
+            // SAFETY: reading into a local buffer.
+            let got = unsafe { libc::read(done_r.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
+            finished += got.max(0) as usize;
+        }
+    }
+    // The engine is gone: kill and reap everything.
+    {
+        let tables = lock(&shared.tables);
+        for pid in tables.pids.keys() {
+            // SAFETY: signalling our own (unreaped) children.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: reaping our own children.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid <= 0 {
+            break;
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
 
-    /// Reaps every exited worker and reports them, one write per control connection
-    /// for the whole batch (fewer wake-ups of the engine threads).
-    fn reap(&mut self) {
-        let mut batches: Vec<Vec<u8>> = vec![Vec::new(); self.conns.len()];
+/// Reaps every exited worker and reports them, one write per control connection
+/// for the whole batch (fewer wake-ups of the engine threads).
+fn reap(shared: &Shared) {
+    let mut batches: Vec<Vec<u8>> = vec![Vec::new(); shared.conns.len()];
+    {
+        let mut tables = lock(&shared.tables);
         loop {
             let mut status = 0;
-            // SAFETY: non-blocking reap of our own children.
+            // SAFETY: non-blocking reap of our own children (any thread's).
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
                 break;
             }
-            if let Some(w) = self.pids.remove(&pid) {
-                let conn = &mut self.conns[w.conn];
-                conn.workers.remove(&w.worker_id);
-                if conn.open {
-                    let msg = runner_to_host::Msg::Exited(Exited { worker_id: w.worker_id, wait_status: status });
-                    RunnerToHost { msg: Some(msg) }.encode_length_delimited(&mut batches[w.conn]).ok();
+            match tables.pids.remove(&pid) {
+                Some(w) => {
+                    tables.by_worker.remove(&(w.conn, w.worker_id));
+                    Shared::exited(w.worker_id, status, &mut batches[w.conn]);
+                }
+                None => {
+                    tables.early.insert(pid, status);
                 }
             }
         }
-        for (idx, bytes) in batches.iter().enumerate() {
-            if !bytes.is_empty() && fdpass::send_with_fds(self.conns[idx].fd.as_raw_fd(), bytes, &[]).is_err() {
-                self.conns[idx].open = false;
-            }
+    }
+    for (idx, bytes) in batches.iter().enumerate() {
+        if !bytes.is_empty() {
+            shared.send_frames(idx, bytes);
         }
     }
+}
 
-    fn read_conn(&mut self, idx: usize, buf: &mut [u8]) {
-        let mut fds = Vec::new();
-        let n = match fdpass::recv_with_fds(self.conns[idx].fd.as_raw_fd(), buf, &mut fds) {
-            Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => 0,
-            Err(e) => {
-                eprintln!("roma-byob-runner: control socket {idx}: {e}");
-                0
-            }
-        };
-        let conn = &mut self.conns[idx];
-        conn.fds.extend(fds);
-        if n == 0 {
-            self.close_conn(idx);
-            return;
-        }
-        conn.decoder.extend(&buf[..n]);
+/// One control connection: its orders, binaries and spawner.
+struct ConnThread {
+    idx: usize,
+    shared: Arc<Shared>,
+    settings: Arc<Settings>,
+    decoder: frame::Decoder,
+    fds: std::collections::VecDeque<OwnedFd>,
+    binaries: HashMap<u64, OwnedFd>,
+    spawner: Spawner,
+}
+
+impl ConnThread {
+    fn new(idx: usize, shared: Arc<Shared>, settings: Arc<Settings>) -> ConnThread {
+        let spawner = Spawner::new(settings.extra_clone_flags);
+        ConnThread { idx, shared, settings, decoder: frame::Decoder::default(), fds: Default::default(), binaries: HashMap::new(), spawner }
+    }
+
+    fn run(mut self) {
+        let fd = self.shared.conns[self.idx].as_raw_fd();
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let conn = &mut self.conns[idx];
-            let msg = match conn.decoder.next_frame(1 << 20) {
+            let mut fds = Vec::new();
+            let n = match fdpass::recv_with_fds(fd, &mut buf, &mut fds) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => 0,
+                Err(e) => {
+                    eprintln!("roma-byob-runner: control socket {}: {e}", self.idx);
+                    0
+                }
+            };
+            self.fds.extend(fds);
+            if n == 0 || !self.take(&buf[..n]) {
+                break;
+            }
+        }
+        self.close();
+    }
+
+    /// Handles the complete frames among `bytes`; false on a protocol error.
+    fn take(&mut self, bytes: &[u8]) -> bool {
+        self.decoder.extend(bytes);
+        loop {
+            let msg = match self.decoder.next_frame(1 << 20) {
                 Ok(Some(body)) => HostToRunner::decode(body),
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     eprintln!("roma-byob-runner: control protocol error: {e}");
-                    self.close_conn(idx);
-                    return;
+                    return false;
                 }
             };
             match msg {
                 Ok(HostToRunner { msg: Some(m) }) => {
-                    if let Err(e) = self.handle(idx, m) {
+                    if let Err(e) = self.handle(m) {
                         eprintln!("roma-byob-runner: control protocol error: {e}");
-                        self.close_conn(idx);
-                        return;
+                        return false;
                     }
                 }
                 Ok(HostToRunner { msg: None }) | Err(_) => {
                     eprintln!("roma-byob-runner: undecodable control message");
-                    self.close_conn(idx);
-                    return;
+                    return false;
                 }
             }
         }
     }
 
-    fn close_conn(&mut self, idx: usize) {
-        let conn = &mut self.conns[idx];
-        conn.open = false;
-        for pid in conn.workers.values() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+    /// The engine side is gone (or broke the protocol): kill this connection's
+    /// workers; the main thread reaps them.
+    fn close(&mut self) {
+        *lock(&self.shared.open[self.idx]) = false;
+        let tables = lock(&self.shared.tables);
+        for (pid, w) in &tables.pids {
+            if w.conn == self.idx {
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
         }
-        conn.binaries.clear();
-        conn.fds.clear();
+        drop(tables);
+        self.binaries.clear();
+        self.fds.clear();
     }
 
-    fn handle(&mut self, idx: usize, msg: host_to_runner::Msg) -> Result<(), String> {
+    fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), String> {
         match msg {
             host_to_runner::Msg::Load(load) => {
-                let conn = &mut self.conns[idx];
-                let mut fd = conn.fds.pop_front().ok_or("Load without its binary fd")?;
-                if self.copy_binaries {
+                let mut fd = self.fds.pop_front().ok_or("Load without its binary fd")?;
+                if self.settings.copy_binaries {
                     fd = copy_to_memfd(&fd).map_err(|e| format!("copy binary into the sandbox: {e}"))?;
                 }
-                conn.binaries.insert(load.code_id, fd);
+                self.binaries.insert(load.code_id, fd);
             }
             host_to_runner::Msg::Unload(unload) => {
-                let conn = &mut self.conns[idx];
-                conn.binaries.remove(&unload.code_id);
-                for (pid, w) in &self.pids {
-                    if w.conn == idx && w.code_id == unload.code_id {
-                        // SAFETY: signalling our own child.
+                self.binaries.remove(&unload.code_id);
+                let tables = lock(&self.shared.tables);
+                for (pid, w) in &tables.pids {
+                    if w.conn == self.idx && w.code_id == unload.code_id {
+                        // SAFETY: signalling our own unreaped child.
                         unsafe { libc::kill(*pid, libc::SIGKILL) };
                     }
                 }
             }
             host_to_runner::Msg::Kill(kill) => {
-                if let Some(pid) = self.conns[idx].workers.get(&kill.worker_id) {
-                    // SAFETY: signalling our own child.
+                let tables = lock(&self.shared.tables);
+                if let Some(pid) = tables.by_worker.get(&(self.idx, kill.worker_id)) {
+                    // SAFETY: signalling our own unreaped child.
                     unsafe { libc::kill(*pid, libc::SIGKILL) };
                 }
             }
             host_to_runner::Msg::Spawn(sp) => {
-                let conn = &mut self.conns[idx];
-                let channel = conn.fds.pop_front().ok_or("Spawn without its channel fd")?;
+                let channel = self.fds.pop_front().ok_or("Spawn without its channel fd")?;
                 let logs = if sp.log {
-                    let out = conn.fds.pop_front().ok_or("Spawn without its stdout fd")?;
-                    let err = conn.fds.pop_front().ok_or("Spawn without its stderr fd")?;
+                    let out = self.fds.pop_front().ok_or("Spawn without its stdout fd")?;
+                    let err = self.fds.pop_front().ok_or("Spawn without its stderr fd")?;
                     Some((out, err))
                 } else {
                     None
                 };
-                let shm = if sp.shm { Some(conn.fds.pop_front().ok_or("Spawn without its shared-memory fd")?) } else { None };
-                let result = match conn.binaries.get(&sp.code_id) {
+                let shm = if sp.shm { Some(self.fds.pop_front().ok_or("Spawn without its shared-memory fd")?) } else { None };
+                let result = match self.binaries.get(&sp.code_id) {
                     None => Err(format!("unknown code id {}", sp.code_id)),
                     Some(bin) => {
-                        let null = self.devnull.as_raw_fd();
+                        let settings = &self.settings;
+                        let null = settings.devnull.as_raw_fd();
+                        let fprog = settings.worker_filter.as_ref().map(|p| p.as_fprog());
                         let plan = SpawnPlan {
                             binary: bin.as_raw_fd(),
                             channel: channel.as_raw_fd(),
                             stdin: null,
                             stdout: logs.as_ref().map_or(null, |l| l.0.as_raw_fd()),
                             stderr: logs.as_ref().map_or(null, |l| l.1.as_raw_fd()),
-                            seccomp: self.worker_filter.as_ref().map(|(_, f)| f as *const libc::sock_fprog),
-                            rlimit_as: self.rlimit_as,
-                            rlimit_fsize: logs.as_ref().map(|_| self.rlimit_fsize),
+                            seccomp: fprog.as_ref().map(|f| f as *const libc::sock_fprog),
+                            rlimit_as: settings.rlimit_as,
+                            rlimit_fsize: logs.as_ref().map(|_| settings.rlimit_fsize),
                             shm: shm.as_ref().map(|f| f.as_raw_fd()),
                         };
-                        self.spawner.spawn(&plan).map_err(|e| e.to_string())
+                        let tables = &self.shared.tables;
+                        self.spawner
+                            .spawn(&plan, |pid| {
+                                lock(tables).early.remove(&pid);
+                            })
+                            .map_err(|e| e.to_string())
                     }
                 };
                 drop(channel);
@@ -467,12 +565,28 @@ impl Runner {
                 drop(shm);
                 match result {
                     Ok(pid) => {
-                        self.conns[idx].workers.insert(sp.worker_id, pid);
-                        self.pids.insert(pid, Worker { conn: idx, worker_id: sp.worker_id, code_id: sp.code_id });
+                        let early = {
+                            let mut tables = lock(&self.shared.tables);
+                            match tables.early.remove(&pid) {
+                                Some(status) => Some(status),
+                                None => {
+                                    tables.pids.insert(pid, Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id });
+                                    tables.by_worker.insert((self.idx, sp.worker_id), pid);
+                                    None
+                                }
+                            }
+                        };
+                        if let Some(status) = early {
+                            let mut bytes = Vec::new();
+                            Shared::exited(sp.worker_id, status, &mut bytes);
+                            self.shared.send_frames(self.idx, &bytes);
+                        }
                     }
                     Err(error) => {
                         let msg = runner_to_host::Msg::SpawnFailed(SpawnFailed { worker_id: sp.worker_id, error });
-                        send(self.conns[idx].fd.as_raw_fd(), msg).map_err(|e| e.to_string())?;
+                        if !self.shared.send(self.idx, msg) {
+                            return Err("control connection closed".into());
+                        }
                     }
                 }
             }

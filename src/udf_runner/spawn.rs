@@ -159,8 +159,10 @@ impl Spawner {
         Spawner { stack: vec![0u128; STACK_SIZE / 16], extra_flags }
     }
 
-    /// Starts one worker and returns its pid once it has exec'd the UDF.
-    pub fn spawn(&mut self, plan: &SpawnPlan) -> io::Result<libc::pid_t> {
+    /// Starts one worker and returns its pid once it has exec'd the UDF. If the
+    /// child failed before exec and another thread reaped it first (the runner's
+    /// reaper waits for any child), `reaped_elsewhere` gets its pid.
+    pub fn spawn(&mut self, plan: &SpawnPlan, reaped_elsewhere: impl FnOnce(libc::pid_t)) -> io::Result<libc::pid_t> {
         let shm_arg = if plan.shm.is_some() { c"4".as_ptr() } else { std::ptr::null() };
         let mut ctx = ChildCtx {
             plan,
@@ -191,7 +193,9 @@ impl Spawner {
         if ctx.failed_step != 0 {
             let mut status = 0;
             // SAFETY: reaping our own child that has already exited.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+                reaped_elsewhere(pid);
+            }
             let step = STEPS.get(ctx.failed_step as usize).copied().unwrap_or("?");
             let err = io::Error::from_raw_os_error(ctx.errno);
             return Err(io::Error::new(err.kind(), format!("{step}: {err}")));
