@@ -119,6 +119,11 @@ pub struct Config {
     pub batch_wait: Duration,
     /// See `batch_wait`.
     pub batch_min_in_flight: usize,
+    /// `minimal` mode with `runner_cores` empty: the runner thread serving an
+    /// engine thread, and the workers it starts, run on that engine thread's core,
+    /// so every hand-off between them stays on one core and no new process is
+    /// migrated at exec. Off: the scheduler places workers on any allowed core.
+    pub pin_workers: bool,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs). Symlinks are followed; missing paths are skipped with a warning.
@@ -149,6 +154,7 @@ impl Default for Config {
             busy_poll: Duration::ZERO,
             batch_wait: Duration::from_micros(200),
             batch_min_in_flight: 8,
+            pin_workers: true,
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
             memory_limit: None,

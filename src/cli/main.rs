@@ -59,6 +59,10 @@ pub struct EngineArgs {
     /// (Config::batch_min_in_flight).
     #[arg(long, default_value_t = 8)]
     batch_min_in_flight: usize,
+    /// Let workers run on any core instead of their engine thread's core
+    /// (Config::pin_workers = false).
+    #[arg(long)]
+    no_pin_workers: bool,
     /// Cores for the sandbox (runner and workers), e.g. 1 (default: all).
     #[arg(long, value_delimiter = ',')]
     runner_cores: Vec<usize>,
@@ -88,6 +92,7 @@ impl EngineArgs {
             busy_poll: std::time::Duration::from_micros(self.busy_poll_us),
             batch_wait: std::time::Duration::from_micros(self.batch_wait_us),
             batch_min_in_flight: self.batch_min_in_flight,
+            pin_workers: !self.no_pin_workers,
             runner_path: self.runner.clone(),
             ..Default::default()
         })

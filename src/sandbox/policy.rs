@@ -149,6 +149,7 @@ x86_64_syscalls! {
     SYS_tkill = 200,
     SYS_time = 201,
     SYS_futex = 202,
+    SYS_sched_setaffinity = 203,
     SYS_sched_getaffinity = 204,
     SYS_lookup_dcookie = 212,
     SYS_getdents64 = 217,
@@ -477,8 +478,9 @@ pub fn untrusted_worker_allowlist() -> Filter {
 /// connections (`sendmsg`/`recvmsg` with descriptors), child management
 /// (`wait4`, `waitid`, `kill`, `signalfd4`), the worker set-up steps between
 /// `clone` and `execveat` (`close_range`, `prctl`, `setrlimit`, `capset`,
-/// `seccomp`) and, in gVisor mode, `memfd_create` for binary copies. None of
-/// them is allowed to workers.
+/// `seccomp`), pinning its connection threads (`sched_setaffinity`) and, in
+/// gVisor mode, `memfd_create` for binary copies. None of them is allowed to
+/// workers.
 pub const RUNNER_EXTRA: &[libc::c_long] = &[
     SYS_sendmsg,
     SYS_recvmsg,
@@ -492,6 +494,7 @@ pub const RUNNER_EXTRA: &[libc::c_long] = &[
     SYS_capset,
     SYS_seccomp,
     SYS_memfd_create,
+    SYS_sched_setaffinity,
 ];
 
 /// Level `untrusted`, installed by the runner on itself once: the worker

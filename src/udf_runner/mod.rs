@@ -39,6 +39,9 @@ pub struct RunnerArgs {
     /// gVisor: further control connections arrive as SCM_RIGHTS fds on the first
     /// one (runsc cannot pass extra fds to the container).
     pub receive_controls: usize,
+    /// Core for each control connection's thread (and so its workers), in order;
+    /// empty: no pinning.
+    pub conn_cores: Vec<usize>,
 }
 
 impl RunnerArgs {
@@ -63,6 +66,11 @@ impl RunnerArgs {
         if self.receive_controls > 0 {
             v.push("--receive-controls".into());
             v.push(self.receive_controls.to_string());
+        }
+        if !self.conn_cores.is_empty() {
+            let cores: Vec<String> = self.conn_cores.iter().map(|c| c.to_string()).collect();
+            v.push("--conn-cores".into());
+            v.push(cores.join(","));
         }
         v
     }
@@ -89,6 +97,11 @@ impl RunnerArgs {
                 }
                 "--max-log-bytes" => out.max_log_bytes = value()?.parse().map_err(|_| "bad --max-log-bytes")?,
                 "--scratch" => out.scratch = value()?.into(),
+                "--conn-cores" => {
+                    for part in value()?.split(',') {
+                        out.conn_cores.push(part.parse().map_err(|_| format!("bad core {part:?}"))?);
+                    }
+                }
                 "--receive-controls" => {
                     out.receive_controls = value()?.parse().map_err(|_| "bad --receive-controls")?
                 }
@@ -165,6 +178,7 @@ struct Settings {
     extra_clone_flags: libc::c_int,
     rlimit_as: Option<libc::rlimit>,
     rlimit_fsize: libc::rlimit,
+    conn_cores: Vec<usize>,
 }
 
 fn send(fd: RawFd, msg: runner_to_host::Msg) -> io::Result<()> {
@@ -284,6 +298,7 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
         extra_clone_flags: if gvisor { libc::CLONE_NEWNET } else { 0 },
         rlimit_as: args.rlimit_as.map(|(s, h)| libc::rlimit { rlim_cur: s, rlim_max: h }),
         rlimit_fsize: libc::rlimit { rlim_cur: fsize, rlim_max: fsize },
+        conn_cores: args.conn_cores.clone(),
     };
     Ok((control_fds, settings, warnings))
 }
@@ -435,6 +450,19 @@ impl ConnThread {
     }
 
     fn run(mut self) {
+        if let Some(&core) = self.settings.conn_cores.get(self.idx) {
+            // This connection's engine thread runs on `core`: keeping the spawns and
+            // the workers there too makes every wake-up between them core-local and
+            // spares the kernel's migration of each new process at exec.
+            // SAFETY: cpu_set_t is plain data; CPU_SET stays within it.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(core, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    eprintln!("roma-byob-runner: cannot pin connection {} to core {core}: {}", self.idx, io::Error::last_os_error());
+                }
+            }
+        }
         let fd = self.shared.conns[self.idx].as_raw_fd();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
