@@ -633,6 +633,35 @@ mod tests {
         assert!(p_nar.len() * 3 < full, "narrowing {} vs allowlist {full} instructions", p_nar.len());
     }
 
+    /// The runner skips the per-worker IPC namespace at level `untrusted` because
+    /// of this.
+    #[test]
+    fn allowlist_refuses_every_ipc_syscall() {
+        let p = untrusted_worker_allowlist().compile().unwrap();
+        for nr in [
+            libc::SYS_msgget,
+            libc::SYS_msgsnd,
+            libc::SYS_msgrcv,
+            libc::SYS_msgctl,
+            libc::SYS_semget,
+            libc::SYS_semop,
+            libc::SYS_semctl,
+            libc::SYS_semtimedop,
+            libc::SYS_shmget,
+            libc::SYS_shmat,
+            libc::SYS_shmdt,
+            libc::SYS_shmctl,
+            libc::SYS_mq_open,
+            libc::SYS_mq_unlink,
+            libc::SYS_mq_timedsend,
+            libc::SYS_mq_timedreceive,
+            libc::SYS_mq_notify,
+            libc::SYS_mq_getsetattr,
+        ] {
+            assert_eq!(simulate(&p, nr as u32, &args(&[0, 0, 0])), EPERM, "{nr}");
+        }
+    }
+
     #[test]
     fn envelope_is_stricter_than_the_denylist() {
         let envelope = untrusted_runner_envelope();

@@ -1,5 +1,7 @@
 //! The worker spawn path (DESIGN §4, fast recipe): one
-//! `clone(CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)`
+//! `clone(CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWUTS)` (plus
+//! `CLONE_NEWIPC` unless the seccomp level refuses every IPC syscall, and
+//! `CLONE_NEWNET` in gVisor)
 //! whose child, sharing the runner's memory until it execs, sets up its fds, drops
 //! every capability, sets no_new_privs, installs the precompiled seccomp program and
 //! `execveat`s the binary fd. The root is the runner's (already read-only), so there
@@ -48,8 +50,9 @@ const STACK_SIZE: usize = 64 * 1024;
 /// Reusable spawner (owns the child stack).
 pub struct Spawner {
     stack: Vec<u128>,
-    /// Namespace flags beyond user/PID/IPC/UTS (gVisor: a network namespace per
-    /// worker, since the container's loopback is shared otherwise).
+    /// Namespace flags beyond user/PID/UTS (IPC unless seccomp refuses IPC; gVisor:
+    /// a network namespace per worker, since the container's loopback is shared
+    /// otherwise).
     extra_flags: libc::c_int,
 }
 
@@ -175,7 +178,6 @@ impl Spawner {
             | libc::CLONE_VFORK
             | libc::CLONE_NEWUSER
             | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS
             | self.extra_flags
             | libc::SIGCHLD;
