@@ -6,6 +6,12 @@
 //! - `payload_response`: `payload_write` answers `element_count` payloads of
 //!   `element_size` bytes.
 //!
+//! Responses are decoded into the generated `WritePayloadResponse` (`Vec<u8>` payloads:
+//! one copy each, into memory the allocator hands out) and, as `shm-bytes`, into the
+//! same message with `Bytes` payloads (prost-build's `.bytes(..)`), which shares the
+//! response instead: with the shared-memory transport a large response is then never
+//! copied on the host.
+//!
 //! Reported as bytes/s. gVisor runs only with ROMA_BENCH_GVISOR=1. If the shared-memory
 //! transport fails (not available in this build, or the UDF does not support it), its
 //! groups are skipped with the error printed.
@@ -28,6 +34,8 @@ const CASES: [(usize, usize); 6] = [(1, 1), (1 << 10, 1), (1 << 10, 1000), (1 <<
 enum Transport {
     Socket,
     SharedMemory,
+    /// Shared memory, response decoded with `Bytes` payloads (responses only).
+    SharedMemoryBytes,
 }
 
 impl Transport {
@@ -35,14 +43,48 @@ impl Transport {
         match self {
             Transport::Socket => "socket",
             Transport::SharedMemory => "shm",
+            Transport::SharedMemoryBytes => "shm-bytes",
         }
     }
     fn option(self) -> Option<usize> {
         match self {
             Transport::Socket => None,
-            Transport::SharedMemory => Some(SHM_BYTES),
+            Transport::SharedMemory | Transport::SharedMemoryBytes => Some(SHM_BYTES),
         }
     }
+}
+
+/// `WritePayloadResponse` as prost-build generates it with `.bytes(["."])`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WritePayloadResponseShared {
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    payloads: Vec<prost::bytes::Bytes>,
+}
+
+/// Bytes in a decoded response, whichever way its payloads are held.
+trait PayloadBytes: prost::Message + Default {
+    fn total(&self) -> usize;
+}
+
+impl PayloadBytes for WritePayloadResponse {
+    fn total(&self) -> usize {
+        self.payloads.iter().map(Vec::len).sum()
+    }
+}
+
+impl PayloadBytes for WritePayloadResponseShared {
+    fn total(&self) -> usize {
+        self.payloads.iter().map(|p| p.len()).sum()
+    }
+}
+
+fn execute_write<R: PayloadBytes>(
+    engine: &Engine,
+    token: &CodeToken,
+    req: &WritePayloadRequest,
+    lat: &mut Latency,
+) -> Result<(usize, std::time::Duration), String> {
+    common::execute_once::<_, R>(engine, token, req, lat).map(|(r, d)| (r.total(), d))
 }
 
 fn read_request(size: usize, count: usize) -> ReadPayloadRequest {
@@ -87,10 +129,11 @@ fn bench_payloads(c: &mut Criterion) {
             continue;
         }
         let Some(engine) = common::engine(mc.mode) else { continue };
-        for transport in [Transport::Socket, Transport::SharedMemory] {
+        for transport in [Transport::Socket, Transport::SharedMemory, Transport::SharedMemoryBytes] {
             let prefix = format!("{}/{}", mc.name(), transport.name());
+            let requests = !matches!(transport, Transport::SharedMemoryBytes);
 
-            if let Some(token) = prepare(&engine, mc, "payload_read", transport) {
+            if let Some(token) = requests.then(|| prepare(&engine, mc, "payload_read", transport)).flatten() {
                 let warm = Warmup::new(mc.mode, WORKERS);
                 let mut group = c.benchmark_group("payload_request");
                 for (size, count) in CASES {
@@ -133,9 +176,14 @@ fn bench_payloads(c: &mut Criterion) {
                         b.iter_custom(|iters| {
                             let mut t = std::time::Duration::ZERO;
                             for _ in 0..iters {
-                                match common::execute_once::<_, WritePayloadResponse>(&engine, &token, &req, &mut lat) {
-                                    Ok((r, d)) => {
-                                        let got: usize = r.payloads.iter().map(Vec::len).sum();
+                                let done = match transport {
+                                    Transport::SharedMemoryBytes => {
+                                        execute_write::<WritePayloadResponseShared>(&engine, &token, &req, &mut lat)
+                                    }
+                                    _ => execute_write::<WritePayloadResponse>(&engine, &token, &req, &mut lat),
+                                };
+                                match done {
+                                    Ok((got, d)) => {
                                         assert_eq!(got, total, "{prefix}/{param}: response bytes");
                                         t += d;
                                     }

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_channel::oneshot;
+use prost::bytes::Bytes;
 
 use crate::{Error, ExecutionToken, Result};
 
@@ -43,9 +44,10 @@ pub struct Response<R> {
     pub metrics: Metrics,
 }
 
-/// What the engine thread produces: the response body (no length prefix).
+/// What the engine thread produces: the response body (no length prefix), either
+/// read from the socket or shared straight out of a shared-memory region.
 pub(crate) struct RawOutcome {
-    pub body: Vec<u8>,
+    pub body: Bytes,
     pub logs: Option<Logs>,
     pub metrics: Metrics,
 }
@@ -72,7 +74,7 @@ impl Sink {
     }
 }
 
-pub(crate) type Decoder<R> = fn(Vec<u8>) -> Result<R>;
+pub(crate) type Decoder<R> = fn(Bytes) -> Result<R>;
 
 /// How long [`Execution::wait`] polls before it parks the thread.
 pub const WAIT_SPIN: Duration = Duration::from_micros(50);
@@ -88,8 +90,11 @@ pub(crate) fn finish<R>(raw: RawResult, decode: Decoder<R>) -> Result<Response<R
     Ok(Response { response, logs, metrics: raw.metrics })
 }
 
-pub(crate) fn decode_message<R: prost::Message + Default>(body: Vec<u8>) -> Result<R> {
-    R::decode(body.as_slice()).map_err(|e| {
+pub(crate) fn decode_message<R: prost::Message + Default>(body: Bytes) -> Result<R> {
+    // From `Bytes`, not `&[u8]`: prost then copies a `bytes` field once (into a
+    // `Vec<u8>` field) or not at all (a `Bytes` field shares the body), where from a
+    // slice it copies into a temporary `Bytes` first.
+    R::decode(body).map_err(|e| {
         Error::Unavailable(format!(
             "the UDF's response does not decode as {}: {e}",
             std::any::type_name::<R>()
@@ -97,8 +102,9 @@ pub(crate) fn decode_message<R: prost::Message + Default>(body: Vec<u8>) -> Resu
     })
 }
 
-pub(crate) fn decode_raw(body: Vec<u8>) -> Result<Vec<u8>> {
-    Ok(body)
+pub(crate) fn decode_raw(body: Bytes) -> Result<Vec<u8>> {
+    // No copy when the body is a plain buffer read from the socket.
+    Ok(Vec::from(body))
 }
 
 /// A pending execution: a future of its [`Response`], runtime-agnostic.

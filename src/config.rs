@@ -174,10 +174,11 @@ pub struct LoadOptions {
     pub workers: usize,
     /// Capture each execution's stdout/stderr and return them with the response.
     pub log_egress: bool,
-    /// Shared-memory transport: each worker gets a fresh memfd region of this many
-    /// bytes; requests and responses travel through it with a one-byte doorbell on
-    /// the socket (see README, "Shared-memory transport"). The UDF must support it.
-    /// `None`: plain Roma protocol on the socket.
+    /// Shared-memory transport: each worker gets a memfd region of this many bytes
+    /// of its own (fresh, or reused after a wipe that leaves nothing of earlier
+    /// executions); requests and responses travel through it with a one-byte
+    /// doorbell on the socket (see README, "Shared-memory transport"). The UDF must
+    /// support it. `None`: plain Roma protocol on the socket.
     pub shared_memory: Option<usize>,
     /// Let the UDF call registered host functions during its executions (see
     /// `Engine::register_host_function`). Off: a host call gets an error reply.

@@ -13,11 +13,12 @@ use std::time::Instant;
 use futures_channel::oneshot;
 
 use crate::completion::{self, Execution, RawResult, Response, Sink};
-use crate::ring::{self, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
+use crate::ipc::shm::{Region, Reuse, ShmPool};
+use crate::ring::{self, Claim, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
 use crate::sandbox::launch::Launcher;
 use crate::host_api::{HostApi, HostCallContext, HostFuture, HostResult};
 use crate::supervisor::Supervisor;
-use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOptions, Mode, Result};
+use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOptions, Mode, Result, SyscallFilter};
 
 /// The engine. Cheap to share behind an `Arc`; every method takes `&self` and may
 /// be called from any thread. Dropping it (or [`Engine::shutdown`]) completes every
@@ -35,6 +36,7 @@ pub struct Engine {
     sandbox_pid: Arc<AtomicU32>,
     debug_log_dir: Option<std::path::PathBuf>,
     warnings: Vec<String>,
+    shm_pool: Arc<ShmPool>,
 }
 
 impl Engine {
@@ -78,6 +80,10 @@ impl Engine {
             }
         };
         let (events, events_rx) = std::sync::mpsc::channel();
+        // Reusing wiped regions is safe only where a worker cannot pass its region's
+        // fd to another process (no sockets): see src/ipc/shm.rs.
+        let reuse = if config.syscall_filter == SyscallFilter::Untrusted { Reuse::Wiped } else { Reuse::Never };
+        let shm_pool = Arc::new(ShmPool::new(reuse));
         let mut shards = Vec::with_capacity(cores.len());
         let mut sandbox = launched.sandbox;
         for (index, (core, ctl)) in cores.iter().zip(launched.controls).enumerate() {
@@ -90,6 +96,7 @@ impl Engine {
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
                 max_response_bytes: config.max_response_bytes,
                 host_api: host_api.clone(),
+                shm_pool: shm_pool.clone(),
             };
             match ShardHandle::start(shard_config, ctl, events.clone()) {
                 Ok(s) => shards.push(s),
@@ -128,6 +135,7 @@ impl Engine {
             sandbox_pid,
             debug_log_dir,
             warnings: launched.warnings,
+            shm_pool,
         })
     }
 
@@ -220,20 +228,23 @@ impl Engine {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        let frame = request.encode_length_delimited_to_vec();
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, frame, options, Sink::Channel(tx))?;
+        let id = self.submit_message(token, request, options, Sink::Channel(tx))?;
         Ok(Execution::new(id, rx, completion::decode_message::<Resp>))
     }
 
     /// As [`Engine::execute`], for a request already serialised (raw protobuf bytes,
     /// no length prefix); the response comes back as raw bytes.
     pub fn execute_raw(&self, token: &CodeToken, request: &[u8], options: ExecuteOptions) -> Result<Execution<Vec<u8>>> {
-        let mut frame = Vec::with_capacity(request.len() + 10);
-        prost::encoding::encode_varint(request.len() as u64, &mut frame);
-        frame.extend_from_slice(request);
+        let frame = || {
+            let mut frame = Vec::with_capacity(request.len() + 10);
+            prost::encoding::encode_varint(request.len() as u64, &mut frame);
+            frame.extend_from_slice(request);
+            frame
+        };
+        let place = |region: &Region| region.put_request(request).map(|()| request.len());
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, frame, options, Sink::Channel(tx))?;
+        let id = self.submit(token, request.len(), place, frame, options, Sink::Channel(tx))?;
         Ok(Execution::new(id, rx, completion::decode_raw))
     }
 
@@ -251,11 +262,10 @@ impl Engine {
         Resp: prost::Message + Default,
         F: FnOnce(Result<Response<Resp>>) + Send + 'static,
     {
-        let frame = request.encode_length_delimited_to_vec();
         let sink = Sink::Callback(Box::new(move |raw: RawResult| {
             callback(completion::finish(raw, completion::decode_message::<Resp>))
         }));
-        self.submit(token, frame, options, sink)
+        self.submit_message(token, request, options, sink)
     }
 
     /// Registers a host function UDFs may call (code tokens loaded with
@@ -312,6 +322,7 @@ impl Engine {
                 tracing::error!("the supervisor thread panicked");
             }
         }
+        self.shm_pool.shutdown();
     }
 
     fn token(&self, token: &CodeToken) -> Result<Arc<TokenEntry>> {
@@ -353,7 +364,7 @@ impl Engine {
             .map(|i| {
                 let pos = (i + n - start) % n;
                 let slots = workers / n + usize::from(pos < workers % n);
-                ShardSlots { slots, idle: AtomicUsize::new(0) }
+                ShardSlots { slots, idle: AtomicUsize::new(0), shm_ready: Default::default() }
             })
             .collect();
         let entry = Arc::new(TokenEntry {
@@ -376,32 +387,69 @@ impl Engine {
         CodeToken(id)
     }
 
-    fn submit(&self, token: &CodeToken, frame: Vec<u8>, options: ExecuteOptions, sink: Sink) -> Result<ExecutionToken> {
+    fn submit_message<Req: prost::Message>(
+        &self,
+        token: &CodeToken,
+        request: &Req,
+        options: ExecuteOptions,
+        sink: Sink,
+    ) -> Result<ExecutionToken> {
+        let place = |region: &Region| region.encode_request(request);
+        let frame = || request.encode_length_delimited_to_vec();
+        self.submit(token, request.encoded_len(), place, frame, options, sink)
+    }
+
+    /// Routes one request of `body_len` bytes. On the shared-memory transport, when a
+    /// ready worker can be claimed, `place` writes the request straight into its
+    /// region (serialised once, no other copy); otherwise `frame` builds the
+    /// length-delimited frame the shard sends (or places) when a worker is free.
+    fn submit(
+        &self,
+        token: &CodeToken,
+        body_len: usize,
+        place: impl FnOnce(&Region) -> std::result::Result<usize, String>,
+        frame: impl FnOnce() -> Vec<u8>,
+        options: ExecuteOptions,
+        sink: Sink,
+    ) -> Result<ExecutionToken> {
+        let submitted = Instant::now();
         let entry = self.token(token)?;
-        if let Some(size) = entry.shm {
-            let body = match crate::ipc::frame::parse_header(&frame) {
-                crate::ipc::frame::Header::Complete { len, .. } => len as usize,
-                _ => frame.len(),
-            };
-            if !crate::ipc::shm::fits(size, body) {
-                return Err(Error::InvalidArgument(format!(
-                    "request of {body} bytes does not fit code token {token}'s shared-memory region of {size} bytes; load it with a larger LoadOptions::shared_memory"
-                )));
-            }
-        }
         let n = self.shards.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut chosen = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            if entry.per_shard[i].idle.load(Ordering::Relaxed) > 0 {
-                chosen = Some(i);
-                break;
+        let mut claim = None;
+        if let Some(size) = entry.shm {
+            if !crate::ipc::shm::fits(size, body_len) {
+                return Err(Error::InvalidArgument(format!(
+                    "request of {body_len} bytes does not fit code token {token}'s shared-memory region of {size} bytes; load it with a larger LoadOptions::shared_memory"
+                )));
+            }
+            let claimed = (0..n).map(|k| (start + k) % n).find_map(|i| entry.per_shard[i].shm_ready.claim().map(|c| (i, c)));
+            if let Some((shard, (key, region))) = claimed {
+                let at = Instant::now();
+                match place(region.region()) {
+                    Ok(len) => {
+                        region.note_used(crate::ipc::shm::HEADER + len);
+                        claim = Some((shard, Claim { key, region, len, at }));
+                    }
+                    Err(why) => {
+                        // The worker is still ready: offer it again.
+                        entry.per_shard[shard].shm_ready.publish(key, region);
+                        return Err(Error::ResourceExhausted(format!("cannot place the request in shared memory: {why}")));
+                    }
+                }
             }
         }
-        let shard = chosen.unwrap_or_else(|| {
-            (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
-        });
+        let (shard, frame, submitted) = match &claim {
+            Some((shard, _)) => (*shard, Vec::new(), submitted),
+            None => {
+                let frame = frame();
+                let ready = (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].idle.load(Ordering::Relaxed) > 0);
+                let shard = ready.unwrap_or_else(|| {
+                    (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
+                });
+                (shard, frame, Instant::now())
+            }
+        };
         let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
             id,
@@ -411,7 +459,8 @@ impl Engine {
             worker_wait_timeout: options.worker_wait_timeout,
             timeout: options.timeout,
             sink,
-            submitted: Instant::now(),
+            submitted,
+            claim: claim.map(|(_, c)| c),
         }));
         Ok(ExecutionToken { shard: shard as u32, id })
     }

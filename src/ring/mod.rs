@@ -19,6 +19,9 @@ use crate::{Error, Result};
 pub(crate) struct ShardSlots {
     pub slots: usize,
     pub idle: AtomicUsize,
+    /// Shared-memory tokens: ready workers a caller may claim to write its request
+    /// straight into the worker's region.
+    pub shm_ready: crate::ipc::shm::ReadyRegions,
 }
 
 /// A loaded binary as every shard sees it.
@@ -66,6 +69,21 @@ pub(crate) struct ExecRequest {
     pub timeout: Duration,
     pub sink: Sink,
     pub submitted: Instant,
+    /// Shared-memory transport: the request is already in this claimed worker's
+    /// region (`frame` is empty).
+    pub claim: Option<Claim>,
+}
+
+/// A ready worker a caller claimed (see [`ShardSlots::shm_ready`]) and wrote its
+/// request into.
+pub(crate) struct Claim {
+    /// The worker's shard-local key.
+    pub key: u32,
+    pub region: Arc<crate::ipc::shm::WorkerRegion>,
+    /// Length of the request placed in the region.
+    pub len: usize,
+    /// When the caller claimed the worker.
+    pub at: Instant,
 }
 
 /// Engine-wide limits a shard needs.
@@ -81,6 +99,8 @@ pub(crate) struct ShardConfig {
     pub batch_min_in_flight: usize,
     pub max_response_bytes: usize,
     pub host_api: Arc<crate::host_api::HostApi>,
+    /// Where shared-memory regions come from and go back to (wiped) after use.
+    pub shm_pool: Arc<crate::ipc::shm::ShmPool>,
 }
 
 pub(crate) struct ShardShared {

@@ -22,7 +22,7 @@ use crate::ipc::frame::{self, Header};
 use crate::ipc::fdpass;
 use crate::host_api::wire::{HostCall, HostReply};
 use crate::host_api::{HostCallContext, CALL_MARKER};
-use crate::ipc::shm::Region;
+use crate::ipc::shm::WorkerRegion;
 use crate::{CodeToken, ExecutionToken};
 use crate::Error;
 
@@ -35,6 +35,14 @@ const K_W_REPLY: u64 = 6;
 const K_CLOSE: u64 = 7;
 
 const RECV_CHUNK: usize = 4096;
+/// Shared-memory responses at least this large are not copied: the caller gets them
+/// straight out of the region once the worker has exited (see `ResponseBody`).
+/// Smaller ones are copied out at once: a copy into heap memory the allocator
+/// recycles costs about what waiting for the worker's exit does (measured: copying
+/// wins at 16 MiB, breaks even at 24 MiB); above this size the copy would land in
+/// freshly mapped pages (glibc maps every allocation above 32 MiB afresh), several
+/// times slower than the wait.
+const SHARE_RESPONSE_MIN: usize = 32 << 20;
 /// Host calls one execution may have outstanding (running or reply unwritten).
 const MAX_CALLS_IN_FLIGHT: u32 = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -81,7 +89,7 @@ struct WorkerConn {
     logs: Option<(OwnedFd, OwnedFd)>,
     /// Shared-memory transport: the worker's region and the request length placed
     /// in it.
-    shm: Option<(Region, usize)>,
+    shm: Option<(Arc<WorkerRegion>, usize)>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
 }
@@ -110,8 +118,23 @@ struct ExecState {
     worker: Option<u32>,
     idle_left: usize,
     metadata: Arc<HashMap<String, String>>,
-    /// Response body waiting for the worker's exit (logging tokens).
-    response: Option<(Vec<u8>, Instant)>,
+    /// Response body waiting for the worker's exit (logging tokens, large
+    /// shared-memory responses).
+    response: Option<(ResponseBody, Instant)>,
+    /// Shared-memory transport: the caller already wrote the request (this many
+    /// bytes) into the region of the worker it claimed, at this time.
+    placed: Option<(usize, Instant)>,
+}
+
+/// A complete response on its way to the caller.
+enum ResponseBody {
+    /// Read from the socket, or copied out of the shared-memory region.
+    Buf(Vec<u8>),
+    /// Still in the worker's region at `(offset, length)`. The worker could still
+    /// write it, so it goes to the caller only once the worker has been reaped — then
+    /// shared, not copied (the region is wiped and reused only after the caller
+    /// dropped it).
+    InRegion(usize, usize),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -427,7 +450,7 @@ impl Reactor {
     }
 
     fn execute(&mut self, req: ExecRequest) {
-        let ExecRequest { id, token, metadata, frame, worker_wait_timeout, timeout, sink, submitted } = req;
+        let ExecRequest { id, token, metadata, mut frame, worker_wait_timeout, timeout, sink, submitted, claim } = req;
         if let Some(why) = &self.runner_fatal {
             sink.complete(Err(Error::Unavailable(why.clone())));
             return;
@@ -435,6 +458,36 @@ impl Reactor {
         if !self.tokens.contains_key(&token) {
             sink.complete(Err(Error::NotFound(format!("code token code-{token} was deleted"))));
             return;
+        }
+        let mut placed = None;
+        let mut claimed_key = None;
+        if let Some(claim) = claim {
+            let still_ready = self.worker(claim.key).is_some_and(|w| {
+                w.state == WState::Idle && w.exec.is_none() && w.shm.as_ref().is_some_and(|(r, _)| Arc::ptr_eq(r, &claim.region))
+            });
+            if still_ready {
+                placed = Some((claim.len, claim.at));
+                claimed_key = Some(claim.key);
+            } else {
+                // The claimed worker was lost before its request arrived here: take the
+                // request back out of its region and wait for another worker. (A worker
+                // still dying could scribble on it first; it is a worker of the same
+                // code token, which could do no worse to the request it was meant to
+                // get.)
+                match claim.region.region().copy_request(claim.len) {
+                    Ok(body) => {
+                        frame = Vec::with_capacity(body.len() + 10);
+                        prost::encoding::encode_varint(body.len() as u64, &mut frame);
+                        frame.extend_from_slice(&body);
+                    }
+                    Err(e) => {
+                        sink.complete(Err(Error::Unavailable(format!(
+                            "the worker claimed for this request was lost and the request cannot be recovered: {e}"
+                        ))));
+                        return;
+                    }
+                }
+            }
         }
         let deadline = submitted + worker_wait_timeout;
         self.execs.insert(
@@ -453,9 +506,18 @@ impl Reactor {
                 idle_left: 0,
                 metadata,
                 response: None,
+                placed,
             },
         );
-        let key = self.tokens.get_mut(&token).and_then(|t| t.idle.pop_front());
+        if let Some(key) = claimed_key {
+            // Out of the shard's pool (the caller already took it out of the offer).
+            if let Some(t) = self.tokens.get_mut(&token) {
+                t.idle.retain(|k| *k != key);
+            }
+            self.dispatch(id, key);
+            return;
+        }
+        let key = self.take_idle(token);
         match key {
             Some(key) => self.dispatch(id, key),
             None => {
@@ -465,6 +527,21 @@ impl Reactor {
                 self.timers.push(Reverse((deadline, Timer::WorkerWait(id))));
             }
         }
+    }
+
+    /// Takes a ready worker of `token` for the shard's own use: the longest-ready one
+    /// no caller has claimed (a claimed one's request is on its way here).
+    fn take_idle(&mut self, token: u64) -> Option<u32> {
+        let index = self.config.index;
+        let t = self.tokens.get_mut(&token)?;
+        while let Some(key) = t.idle.pop_front() {
+            let region = self.workers.get(key as usize).and_then(|w| w.as_ref()).and_then(|w| w.shm.as_ref());
+            match region {
+                Some((r, _)) if !t.entry.per_shard[index].shm_ready.withdraw(r) => continue,
+                _ => return Some(key),
+            }
+        }
+        None
     }
 
     fn cancel(&mut self, id: u64) {
@@ -495,6 +572,7 @@ impl Reactor {
             self.ctl_out.push(host_to_runner::Msg::Unload(Unload { code_id: token }), Vec::new());
         }
         state.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+        state.entry.per_shard[self.config.index].shm_ready.clear();
     }
 
     // ----- workers --------------------------------------------------------------
@@ -535,8 +613,8 @@ impl Reactor {
         };
         let shm = match shm_size {
             Some(size) => {
-                let region = Region::create(size)?;
-                fds.push(region.fd().try_clone()?);
+                let region = self.config.shm_pool.take(size)?;
+                fds.push(region.region().fd().try_clone()?);
                 Some((region, 0))
             }
             None => None,
@@ -629,21 +707,28 @@ impl Reactor {
             entry.per_shard[self.config.index].idle.store(idle_left, Ordering::Relaxed);
         }
         let Some(exec) = self.execs.get_mut(&exec_id) else { return };
-        exec.dispatched = Some(now);
+        exec.dispatched = Some(exec.placed.map_or(now, |(_, at)| at));
         exec.worker = Some(key);
         exec.idle_left = idle_left;
         let deadline = now + exec.timeout;
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
         let placed = match self.workers.get_mut(key as usize).and_then(|w| w.as_mut()).and_then(|w| w.shm.as_mut()) {
             None => None,
-            Some((region, req_len)) => {
-                let body = match frame::parse_header(&exec.frame) {
-                    Header::Complete { offset, .. } => &exec.frame[offset..],
-                    _ => &exec.frame[..0],
-                };
-                *req_len = body.len();
-                Some(region.put_request(body))
-            }
+            Some((region, req_len)) => match exec.placed {
+                Some((len, _)) => {
+                    *req_len = len;
+                    Some(Ok(()))
+                }
+                None => {
+                    let body = match frame::parse_header(&exec.frame) {
+                        Header::Complete { offset, .. } => &exec.frame[offset..],
+                        _ => &exec.frame[..0],
+                    };
+                    *req_len = body.len();
+                    region.note_used(crate::ipc::shm::HEADER + body.len());
+                    Some(region.region().put_request(body))
+                }
+            },
         };
         match placed {
             None => self.post_worker_send(key, exec_id),
@@ -729,9 +814,15 @@ impl Reactor {
     fn remove_idle(&mut self, key: u32) {
         let Some(w) = self.worker(key) else { return };
         let token = w.token;
+        let region = w.shm.as_ref().map(|(r, _)| r.clone());
         if let Some(t) = self.tokens.get_mut(&token) {
             t.idle.retain(|k| *k != key);
             t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+            if let Some(r) = region {
+                // Whether or not a caller claimed it meanwhile: its request (if any)
+                // is taken back out when it arrives.
+                t.entry.per_shard[self.config.index].shm_ready.withdraw(&r);
+            }
         }
     }
 
@@ -851,6 +942,11 @@ impl Reactor {
         match msg {
             runner_to_host::Msg::Exited(e) => {
                 if let Some(&key) = self.by_worker_id.get(&e.worker_id) {
+                    if let Some((region, _)) = self.worker(key).and_then(|w| w.shm.as_ref()) {
+                        // Reaped, and its PID namespace with it: its region may be
+                        // wiped and reused.
+                        region.mark_reaped();
+                    }
                     self.on_worker_exit(key, e.wait_status, None);
                 }
             }
@@ -959,6 +1055,7 @@ impl Reactor {
                 w.state = WState::Idle;
                 w.filled = 0;
                 let token = w.token;
+                let shm = w.shm.as_ref().map(|(r, _)| r.clone());
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.failures = 0;
                     t.respawn_at = None;
@@ -969,6 +1066,9 @@ impl Reactor {
                     }
                     t.idle.push_back(key);
                     t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+                    if let Some(region) = shm {
+                        t.entry.per_shard[self.config.index].shm_ready.publish(key, region);
+                    }
                 }
                 self.post_worker_recv(key, RECV_CHUNK);
             }
@@ -985,7 +1085,7 @@ impl Reactor {
                     if w.body_filled < w.body_buf.as_ref().map_or(0, |b| b.len()) {
                         self.post_body_recv(key);
                     } else if let Some(body) = w.body_buf.take() {
-                        self.on_response(key, body);
+                        self.on_response(key, ResponseBody::Buf(body));
                     }
                     return;
                 }
@@ -1006,7 +1106,15 @@ impl Reactor {
                     self.garbage(key, "bytes after the shared-memory doorbell".into());
                     return;
                 }
-                let taken = w.shm.as_ref().map(|(region, req_len)| region.take_response(*req_len, max));
+                let taken = w.shm.as_ref().map(|(region, req_len)| {
+                    let (off, len) = region.region().response_range(*req_len, max)?;
+                    region.note_used(off + len);
+                    if len >= SHARE_RESPONSE_MIN {
+                        Ok(ResponseBody::InRegion(off, len))
+                    } else {
+                        region.region().copy_out(off, len).map(ResponseBody::Buf)
+                    }
+                });
                 match taken {
                     Some(Ok(body)) => self.on_response(key, body),
                     Some(Err(why)) => self.garbage(key, why),
@@ -1078,7 +1186,7 @@ impl Reactor {
                 let mut buf = std::mem::take(&mut w.buf);
                 buf.truncate(total);
                 buf.drain(..offset);
-                self.on_response(key, buf);
+                self.on_response(key, ResponseBody::Buf(buf));
             } else {
                 // Read the rest straight into a buffer of the announced size: no copy
                 // of the body beyond the first chunk.
@@ -1225,32 +1333,54 @@ impl Reactor {
         }
     }
 
-    fn on_response(&mut self, key: u32, body: Vec<u8>) {
+    fn on_response(&mut self, key: u32, body: ResponseBody) {
         let Some(w) = self.worker(key) else { return };
         let Some(id) = w.exec else { return };
-        let logging = w.logs.is_some();
+        let wait_for_exit = w.logs.is_some() || matches!(body, ResponseBody::InRegion(..));
         let exited = w.exited.is_some();
         let now = Instant::now();
-        if logging {
-            if let Some(e) = self.execs.get_mut(&id) {
-                e.response = Some((body, now));
+        match body {
+            ResponseBody::Buf(body) if !wait_for_exit => {
+                let metrics = self.metrics(id, now);
+                self.complete(id, Ok(RawOutcome { body: body.into(), logs: None, metrics }));
             }
-            if exited {
-                self.finish_with_logs(id, key);
+            body => {
+                if let Some(e) = self.execs.get_mut(&id) {
+                    e.response = Some((body, now));
+                }
+                if exited {
+                    self.finish_with_logs(id, key);
+                }
             }
-        } else {
-            let metrics = self.metrics(id, now);
-            self.complete(id, Ok(RawOutcome { body, logs: None, metrics }));
         }
         self.close_channel(key);
     }
 
+    /// Completes an execution whose response waited for its worker's exit.
     fn finish_with_logs(&mut self, id: u64, key: u32) {
-        let logs = self.worker(key).and_then(|w| w.logs.as_ref()).map(|(out, err)| Logs {
-            stdout: read_all(out),
-            stderr: read_all(err),
-        });
+        let Some(w) = self.workers.get(key as usize).and_then(|w| w.as_ref()) else { return };
+        let logs = w.logs.as_ref().map(|(out, err)| Logs { stdout: read_all(out), stderr: read_all(err) });
+        let region = w.shm.as_ref().map(|(r, _)| r.clone());
         let Some((body, at)) = self.execs.get_mut(&id).and_then(|e| e.response.take()) else { return };
+        let body = match (body, region) {
+            (ResponseBody::Buf(b), _) => b.into(),
+            (ResponseBody::InRegion(off, len), Some(region)) => match region.view(off, len) {
+                Some(shared) => shared,
+                // Not reaped (the deadline came first): the worker may still write
+                // the region, so copy.
+                None => match region.region().copy_out(off, len) {
+                    Ok(b) => b.into(),
+                    Err(e) => {
+                        self.complete(id, Err(Error::Unavailable(e)));
+                        return;
+                    }
+                },
+            },
+            (ResponseBody::InRegion(..), None) => {
+                self.complete(id, Err(Error::Internal("a shared-memory response without its region".into())));
+                return;
+            }
+        };
         let metrics = self.metrics(id, at);
         self.complete(id, Ok(RawOutcome { body, logs, metrics }));
     }
@@ -1316,7 +1446,13 @@ impl Reactor {
                         continue;
                     }
                     let timeout = e.timeout;
+                    let in_region = matches!(e.response, Some((ResponseBody::InRegion(..), _)));
                     self.kill_worker(key);
+                    if in_region {
+                        // The response was complete; only the worker's exit was late.
+                        self.finish_with_logs(id, key);
+                        continue;
+                    }
                     self.complete(
                         id,
                         Err(Error::DeadlineExceeded(format!(
@@ -1370,6 +1506,7 @@ impl Reactor {
             t.live = 0;
             t.idle.clear();
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+            t.entry.per_shard[self.config.index].shm_ready.clear();
         }
         let _ = self.shared.events.send(SupervisorEvent::RunnerDied { epoch: self.epoch });
     }
@@ -1383,6 +1520,7 @@ impl Reactor {
             t.queue.clear();
             t.idle.clear();
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
+            t.entry.per_shard[self.config.index].shm_ready.clear();
         }
     }
 }

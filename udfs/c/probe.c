@@ -17,12 +17,13 @@
  *   socket        socket(AF_UNIX, SOCK_STREAM, 0)
  *   network       socket(AF_INET, SOCK_STREAM, 0) + connect(127.0.0.1:9)
  *   unshare_user  unshare(CLONE_NEWUSER)
- *   shm_residue   (shared-memory transport) "clean <size>" if every byte of the
- *                 region past the request is zero, else "dirty at <offset>"
+ *   shm_residue   (shared-memory transport) "clean <size> ino <inode>" if every
+ *                 byte of the region past the request is zero, else
+ *                 "dirty at <offset>" (the inode number tells regions apart)
  *   shm_truncate  (shared-memory transport) ftruncate(4, 0) on the region:
  *                 must fail (the host seals it against shrinking)
  *   shm_fill      (shared-memory transport) fills the region past the request
- *                 with 0xAB: "filled <n>"
+ *                 with 0xAB: "filled <n> ino <inode>"
  *   io_uring      io_uring_setup(1, ...) (kernel attack surface the runner's
  *                 denylist removes at level worker-engine)
  *   fork          fork(); the child _exit(0)s, the parent waitpid()s
@@ -211,6 +212,12 @@ static void probe_capabilities(void) {
   snprintf(result, sizeof result, "eff=%llx prm=%llx inh=%llx", eff, prm, inh);
 }
 
+/* The inode number of the region (fd 4): which memfd this worker got. */
+static unsigned long long shm_inode(void) {
+  struct stat st;
+  return fstat(4, &st) == 0 ? (unsigned long long)st.st_ino : 0;
+}
+
 /* shm_residue: any non-zero byte in the region outside the header, the request and
  * the response length field means something survived from an earlier request. */
 static void probe_shm_residue(roma_udf *u) {
@@ -226,7 +233,7 @@ static void probe_shm_residue(roma_udf *u) {
       return;
     }
   }
-  snprintf(result, sizeof result, "clean %zu", u->shm_len);
+  snprintf(result, sizeof result, "clean %zu ino %llu", u->shm_len, shm_inode());
 }
 
 /* shm_fill: scribble over the whole region past the request, as a UDF leaving
@@ -238,7 +245,7 @@ static void probe_shm_fill(roma_udf *u) {
   }
   size_t start = ROMA_SHM_HEADER + u->request_len;
   memset(u->shm + start, 0xAB, u->shm_len - start);
-  snprintf(result, sizeof result, "filled %zu", u->shm_len - start);
+  snprintf(result, sizeof result, "filled %zu ino %llu", u->shm_len - start, shm_inode());
 }
 
 static void probe_io_uring(void) {

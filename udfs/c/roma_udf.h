@@ -644,21 +644,32 @@ static inline int roma_write_response_buf(int fd, const roma_pb_buf *b) {
  *   offset 0   u64  request length n            (host)
  *   offset 8   u64  response length m           (UDF; all ones until written)
  *   offset 16  u32  magic 0x4d534252 ("RBSM"), offset 20 u32 version 1 (host)
+ *   offset 24  u64  prepared: bytes from offset 0 the host already allocated
+ *                   (0 = none; a hint of how much this token's executions use)
  *   offset 64  n bytes: the request message (no length prefix)
  *   offset 64 + round_up(n, 64): the response message (UDF)
  *
  * After the ready byte, the host places the request and writes one doorbell byte on
  * the socket; the UDF writes the response and its length, then one doorbell byte
- * back. Every worker gets a fresh region. The roma_udf_* session functions below
- * hide the difference: a UDF written with them runs on either transport.
+ * back. Every worker gets a region of its own, all zeroes past the header. The
+ * roma_udf_* session functions below hide the difference: a UDF written with them
+ * runs on either transport. roma_udf_open() maps the `prepared` bytes into the UDF
+ * before the ready byte, so that reading the request and writing the response take
+ * no page faults; roma_udf_read_request() maps the rest of a large request with one
+ * call. A UDF that reads only part of a large request (field headers, say) may
+ * `#define ROMA_UDF_LAZY_MAPPING` before including this header: then nothing is
+ * mapped ahead and pages fault in as they are touched (roma_udf_prepare_response()
+ * still pre-faults a response area on request).
  */
 #define ROMA_SHM_HEADER 64u
 #define ROMA_SHM_MAGIC 0x4d534252u
+#define ROMA_SHM_PREPARED_AT 24u
 
 typedef struct roma_udf {
   int fd;                 /* the socket */
   uint8_t *shm;           /* mapped region, or NULL on the socket transport */
   size_t shm_len;
+  size_t shm_mapped;      /* bytes from offset 0 pre-faulted at open */
   size_t request_len;
   uint8_t *request_owned; /* malloc'd request (socket transport) */
 } roma_udf;
@@ -689,6 +700,16 @@ static inline int roma_udf_open(roma_udf *u, int argc, char **argv) {
       errno = EPROTO;
       return -1;
     }
+#if defined(MADV_POPULATE_WRITE) && !defined(ROMA_UDF_LAZY_MAPPING)
+    /* Map what the host prepared now, before the ready byte, with one call: the
+     * request and response then take no page faults (Linux 5.14+; best effort). */
+    uint64_t prepared;
+    memcpy(&prepared, u->shm + ROMA_SHM_PREPARED_AT, sizeof prepared);
+    if (prepared > u->shm_len) prepared = u->shm_len;
+    prepared &= ~(uint64_t)4095;
+    if (prepared >= 65536 && madvise(u->shm, (size_t)prepared, MADV_POPULATE_WRITE) == 0)
+      u->shm_mapped = (size_t)prepared;
+#endif
   }
   const uint8_t ready = 'R';
   return roma_write_all(u->fd, &ready, 1);
@@ -712,10 +733,12 @@ static inline int roma_udf_read_request(roma_udf *u, const uint8_t **req, size_t
     return -1;
   }
   u->request_len = (size_t)n;
-#ifdef MADV_POPULATE_READ
-  /* Fault the request's pages in with one call instead of one fault per page
-   * (Linux 5.14+; ignored where unsupported). */
-  if (n >= 65536) (void)madvise(u->shm, ROMA_SHM_HEADER + (size_t)n, MADV_POPULATE_READ);
+#if defined(MADV_POPULATE_READ) && !defined(ROMA_UDF_LAZY_MAPPING)
+  /* Fault in the request's pages not mapped at open with one call instead of one
+   * fault per page (Linux 5.14+; ignored where unsupported). */
+  size_t end = ROMA_SHM_HEADER + (size_t)n;
+  if (end > u->shm_mapped && end - u->shm_mapped >= 65536)
+    (void)madvise(u->shm + u->shm_mapped, end - u->shm_mapped, MADV_POPULATE_READ);
 #endif
   *req = u->shm + ROMA_SHM_HEADER;
   *len = u->request_len;
@@ -741,7 +764,10 @@ static inline void roma_udf_prepare_response(roma_udf *u, size_t len) {
 #ifdef MADV_POPULATE_WRITE
   if (area != NULL && len >= 65536 && len <= room) {
     uintptr_t start = (uintptr_t)area & ~(uintptr_t)4095;
-    (void)madvise((void *)start, len + ((uintptr_t)area - start), MADV_POPULATE_WRITE);
+    uintptr_t end = (uintptr_t)area + len;
+    uintptr_t mapped = (uintptr_t)u->shm + u->shm_mapped;
+    if (start < mapped) start = mapped; /* already mapped at open */
+    if (end > start && end - start >= 65536) (void)madvise((void *)start, end - start, MADV_POPULATE_WRITE);
   }
 #else
   (void)area;

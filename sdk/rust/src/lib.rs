@@ -30,7 +30,7 @@
 //! process exits with status 1 without a response; the execution then fails with
 //! `Unavailable("… exited with status 1")`.
 //!
-//! The SDK only uses `read`, `write`, `fcntl`, `fstat`, `mmap` and `exit`, so it runs
+//! The SDK only uses `read`, `write`, `fcntl`, `fstat`, `mmap`, `madvise` and `exit`, so it runs
 //! under the engine's `untrusted` seccomp filter; it spawns no thread and opens no
 //! file. Normal `fn main` works: in the sandbox fds 0-2 are open, so std's start-up
 //! does not need `/dev/null`.
