@@ -107,7 +107,8 @@ pub struct Config {
     pub sqpoll_idle: Option<Duration>,
     /// While an execution awaits its response, an engine thread polls its ring for up
     /// to this long before sleeping: lower latency (no sleep/wake-up), more CPU.
-    /// Zero turns it off.
+    /// Only worth it when workers run on other cores than the engine threads
+    /// (`runner_cores`); turns `pin_workers` off. Zero turns it off.
     pub busy_poll: Duration,
     /// Under load, an engine thread lets completions accumulate for up to this long
     /// before it wakes up (io_uring min_wait), so one wake-up handles a batch: less
@@ -123,6 +124,8 @@ pub struct Config {
     /// engine thread, and the workers it starts, run on that engine thread's core,
     /// so every hand-off between them stays on one core and no new process is
     /// migrated at exec. Off: the scheduler places workers on any allowed core.
+    /// Ignored when `busy_poll` is on (a polling engine thread would keep its own
+    /// workers off their core).
     pub pin_workers: bool,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically

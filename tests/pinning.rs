@@ -59,3 +59,4 @@ fn engine_threads_and_sandbox_are_pinned_as_configured() {
     let err = Engine::new(Config { cores: vec![4096], ..Default::default() }).err().unwrap();
     assert_eq!(err.code(), roma_byob::Code::InvalidArgument, "{err}");
 }
+

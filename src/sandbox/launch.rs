@@ -258,7 +258,9 @@ fn runner_args(config: &Config, shards: usize, gvisor: bool) -> RunnerArgs {
         max_log_bytes: config.max_log_bytes,
         scratch: PathBuf::from("/tmp"),
         receive_controls: if gvisor { shards - 1 } else { 0 },
-        conn_cores: if config.pin_workers && !gvisor && config.runner_cores.is_empty() {
+        // Not with busy polling: a polling engine thread would keep its own workers
+        // off the core they share.
+        conn_cores: if config.pin_workers && config.busy_poll.is_zero() && !gvisor && config.runner_cores.is_empty() {
             // The engine's shard cores, as `Engine::new` computes them.
             let cores = if config.cores.is_empty() { crate::ring::allowed_cores() } else { config.cores.clone() };
             cores.into_iter().take(shards).collect()
