@@ -123,6 +123,7 @@ x86_64_syscalls! {
     SYS_uselib = 134,
     SYS_personality = 135,
     SYS_getpriority = 140,
+    SYS_setpriority = 141,
     SYS_sched_getparam = 143,
     SYS_sched_getscheduler = 145,
     SYS_vhangup = 153,
@@ -491,6 +492,7 @@ pub const RUNNER_EXTRA: &[libc::c_long] = &[
     SYS_seccomp,
     SYS_memfd_create,
     SYS_sched_setaffinity,
+    SYS_setpriority,
 ];
 
 /// Level `untrusted`, installed by the runner on itself once: the worker
