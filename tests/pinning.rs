@@ -6,14 +6,6 @@ mod common;
 use common::*;
 use roma_byob::{Config, Engine};
 
-fn cpus_allowed(status_path: &str) -> String {
-    let status = std::fs::read_to_string(status_path).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
 
 /// (thread name, allowed cpus) of this process's engine threads.
 fn ring_threads() -> Vec<(String, String)> {

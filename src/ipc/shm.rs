@@ -364,30 +364,27 @@ impl Drop for Region {
     }
 }
 
-fn pwrite_all(fd: &OwnedFd, mut src: &[u8], mut off: usize) -> io::Result<()> {
-    while !src.is_empty() {
-        // SAFETY: writing from a live slice to our own fd.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), src.as_ptr().cast(), src.len(), off as libc::off_t) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        src = &src[n as usize..];
-        off += n as usize;
-    }
-    Ok(())
+fn pwrite_all(fd: &OwnedFd, src: &[u8], off: usize) -> io::Result<()> {
+    full_transfer(src.len(), io::ErrorKind::WriteZero, |done| {
+        // SAFETY: writing from the live slice's unwritten tail to our own fd.
+        unsafe { libc::pwrite(fd.as_raw_fd(), src[done..].as_ptr().cast(), src.len() - done, (off + done) as libc::off_t) }
+    })
 }
 
-fn pread_exact(fd: &OwnedFd, mut dst: &mut [MaybeUninit<u8>], mut off: usize) -> io::Result<()> {
-    while !dst.is_empty() {
-        // SAFETY: the kernel writes at most dst.len() bytes into live memory we own.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len(), off as libc::off_t) };
+fn pread_exact(fd: &OwnedFd, dst: &mut [MaybeUninit<u8>], off: usize) -> io::Result<()> {
+    let len = dst.len();
+    full_transfer(len, io::ErrorKind::UnexpectedEof, |done| {
+        // SAFETY: the kernel writes at most `len - done` bytes into the live tail of `dst`.
+        unsafe { libc::pread(fd.as_raw_fd(), dst[done..].as_mut_ptr().cast(), len - done, (off + done) as libc::off_t) }
+    })
+}
+
+/// Repeats `op(bytes done so far)` (a pread/pwrite returning a count or -1) until
+/// `total` bytes moved; EINTR retries, a zero count fails with `on_zero`.
+fn full_transfer(total: usize, on_zero: io::ErrorKind, mut op: impl FnMut(usize) -> isize) -> io::Result<()> {
+    let mut done = 0;
+    while done < total {
+        let n = op(done);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -396,10 +393,9 @@ fn pread_exact(fd: &OwnedFd, mut dst: &mut [MaybeUninit<u8>], mut off: usize) ->
             return Err(e);
         }
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(on_zero.into());
         }
-        dst = &mut dst[n as usize..];
-        off += n as usize;
+        done += n as usize;
     }
     Ok(())
 }

@@ -69,3 +69,13 @@ pub fn probe(engine: &Engine, token: &CodeToken, what: &str, arg: &str) -> Strin
         .response
         .result
 }
+
+/// The `Cpus_allowed_list` of a /proc status file (a process or a thread).
+pub fn cpus_allowed(status_path: &str) -> String {
+    let status = std::fs::read_to_string(status_path).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
