@@ -10,20 +10,6 @@ use common::*;
 use roma_byob::proto::sample::{CallbackRequest, CallbackResponse};
 use roma_byob::{Engine, ExecuteOptions, LoadOptions};
 
-fn register_all(e: &Engine) {
-    e.register_host_function("test.Echo", |_ctx, req| Ok([b"pong:".as_slice(), req].concat())).unwrap();
-    e.register_host_function("test.Meta", |ctx, _req| {
-        Ok(ctx.metadata.get("tenant").cloned().unwrap_or_default().into_bytes())
-    })
-    .unwrap();
-    e.register_host_function("test.Fail", |_ctx, _req| Err("no such key".to_string())).unwrap();
-    e.register_host_function("test.Panic", |_ctx, _req| -> roma_byob::HostResult { panic!("handler bug") }).unwrap();
-    e.register_async_host_function("test.Async", |ctx, req| async move {
-        Ok(format!("async:{}:{}", String::from_utf8_lossy(&req), ctx.code_token).into_bytes())
-    })
-    .unwrap();
-}
-
 fn call(e: &Engine, t: &roma_byob::CodeToken, functions: &[&str], payload: &str) -> Vec<String> {
     let req = CallbackRequest { functions: functions.iter().map(|s| s.to_string()).collect(), payload: payload.into() };
     let mut o = opts();
@@ -35,7 +21,7 @@ fn call(e: &Engine, t: &roma_byob::CodeToken, functions: &[&str], payload: &str)
 fn host_calls_in_flight_with_every_outcome() {
     for mode in modes() {
         let e = engine(mode);
-        register_all(&e);
+        host_functions::register_test_functions(&e);
         let t = e.load(sample("callback_udf"), LoadOptions { workers: 2, host_api: true, ..Default::default() }).unwrap();
         let results = call(&e, &t, &["test.Echo", "test.Missing", "test.Fail", "test.Panic", "test.Async", "test.Meta"], "hi");
         assert_eq!(
@@ -69,7 +55,7 @@ fn host_calls_in_flight_with_every_outcome() {
 fn host_calls_need_the_opt_in() {
     for mode in modes() {
         let e = engine(mode);
-        register_all(&e);
+        host_functions::register_test_functions(&e);
         let t = load(&e, "callback_udf", 1);
         let results = call(&e, &t, &["test.Echo"], "x");
         assert_eq!(results.len(), 1);
@@ -81,7 +67,7 @@ fn host_calls_need_the_opt_in() {
 fn host_calls_work_with_the_shared_memory_transport() {
     for mode in modes() {
         let e = engine(mode);
-        register_all(&e);
+        host_functions::register_test_functions(&e);
         let t = e
             .load(
                 sample("callback_udf"),
@@ -100,7 +86,7 @@ fn a_slow_handler_does_not_block_other_executions() {
         Ok(b"late".to_vec())
     })
     .unwrap();
-    register_all(&e);
+    host_functions::register_test_functions(&e);
     let t = e.load(sample("callback_udf"), LoadOptions { workers: 2, host_api: true, ..Default::default() }).unwrap();
     let req = CallbackRequest { functions: vec!["test.Slow".into()], payload: Vec::new() };
     let slow = e.execute::<_, CallbackResponse>(&t, &req, ExecuteOptions::default()).unwrap();
@@ -117,7 +103,7 @@ fn a_udf_cannot_pile_up_unbounded_host_calls() {
         Ok(Vec::new())
     })
     .unwrap();
-    register_all(&e);
+    host_functions::register_test_functions(&e);
     let t = e.load(sample("callback_udf"), LoadOptions { workers: 1, host_api: true, ..Default::default() }).unwrap();
     let req = CallbackRequest { functions: vec!["test.Slow".into(); 600], payload: Vec::new() };
     let err = e.execute::<_, CallbackResponse>(&t, &req, opts()).unwrap().wait().unwrap_err();

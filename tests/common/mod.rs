@@ -2,6 +2,8 @@
 //! available on this machine.
 #![allow(dead_code)]
 
+pub mod host_functions;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

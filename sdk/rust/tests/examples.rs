@@ -35,20 +35,6 @@ fn hello_writes_nothing_to_its_logs() {
     assert!(logs.stdout.is_empty() && logs.stderr.is_empty(), "{logs:?}");
 }
 
-fn register(e: &Engine) {
-    e.register_host_function("test.Echo", |_ctx, req| Ok([b"pong:".as_slice(), req].concat())).unwrap();
-    e.register_host_function("test.Fail", |_ctx, _req| Err("no such key".to_string())).unwrap();
-    e.register_host_function("test.Panic", |_ctx, _req| -> roma_byob::HostResult { panic!("handler bug") }).unwrap();
-    e.register_host_function("test.Meta", |ctx, _req| {
-        Ok(ctx.metadata.get("tenant").cloned().unwrap_or_default().into_bytes())
-    })
-    .unwrap();
-    e.register_async_host_function("test.Async", |ctx, req| async move {
-        Ok(format!("async:{}:{}", String::from_utf8_lossy(&req), ctx.code_token).into_bytes())
-    })
-    .unwrap();
-}
-
 fn callbacks(e: &Engine, t: &roma_byob::CodeToken, functions: &[&str], payload: &str) -> Vec<String> {
     let req = CallbackRequest { functions: functions.iter().map(|s| s.to_string()).collect(), payload: payload.into() };
     let mut o = opts();
@@ -60,7 +46,7 @@ fn callbacks(e: &Engine, t: &roma_byob::CodeToken, functions: &[&str], payload: 
 fn callbacks_same_semantics_as_the_c_udf() {
     for mode in modes() {
         let e = engine(mode);
-        register(&e);
+        host_functions::register_test_functions(&e);
         for shm in TRANSPORTS {
             let t = load(&e, CALLBACKS, host_api(2, shm));
             let results = callbacks(
@@ -94,7 +80,7 @@ fn callbacks_same_semantics_as_the_c_udf() {
 #[test]
 fn callbacks_without_the_opt_in_get_error_replies() {
     let e = engine(roma_byob::Mode::Minimal);
-    register(&e);
+    host_functions::register_test_functions(&e);
     let t = load(&e, CALLBACKS, LoadOptions::default());
     let results = callbacks(&e, &t, &["test.Echo"], "x");
     assert!(results[0].starts_with("error:the host API is not enabled"), "{results:?}");

@@ -2,6 +2,9 @@
 //! against the example UDFs of this crate (src/bin), built by cargo for the tests.
 #![allow(dead_code)]
 
+#[path = "../../../../tests/common/host_functions.rs"]
+pub mod host_functions;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
