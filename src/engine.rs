@@ -244,7 +244,7 @@ impl Engine {
         };
         let place = |region: &Region| region.put_request(request).map(|()| request.len());
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, request.len(), place, frame, options, Sink::Channel(tx))?;
+        let id = self.submit(token, || request.len(), place, frame, options, Sink::Channel(tx))?;
         Ok(Execution::new(id, rx, completion::decode_raw))
     }
 
@@ -396,17 +396,18 @@ impl Engine {
     ) -> Result<ExecutionToken> {
         let place = |region: &Region| region.encode_request(request);
         let frame = || request.encode_length_delimited_to_vec();
-        self.submit(token, request.encoded_len(), place, frame, options, sink)
+        self.submit(token, || request.encoded_len(), place, frame, options, sink)
     }
 
-    /// Routes one request of `body_len` bytes. On the shared-memory transport, when a
+    /// Routes one request whose body is `body_len()` bytes (computed only for
+    /// shared-memory tokens, which check it against their region). On the shared-memory transport, when a
     /// ready worker can be claimed, `place` writes the request straight into its
     /// region (serialised once, no other copy); otherwise `frame` builds the
     /// length-delimited frame the shard sends (or places) when a worker is free.
     fn submit(
         &self,
         token: &CodeToken,
-        body_len: usize,
+        body_len: impl FnOnce() -> usize,
         place: impl FnOnce(&Region) -> std::result::Result<usize, String>,
         frame: impl FnOnce() -> Vec<u8>,
         options: ExecuteOptions,
@@ -418,6 +419,7 @@ impl Engine {
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         let mut claim = None;
         if let Some(size) = entry.shm {
+            let body_len = body_len();
             if !crate::ipc::shm::fits(size, body_len) {
                 return Err(Error::InvalidArgument(format!(
                     "request of {body_len} bytes does not fit code token {token}'s shared-memory region of {size} bytes; load it with a larger LoadOptions::shared_memory"
