@@ -54,11 +54,11 @@ fn main() {
     let samples = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200);
     let allowlist = policy::untrusted_worker_allowlist().compile().expect("allowlist");
     let envelope = policy::untrusted_runner_envelope().compile().expect("envelope");
-    let narrowing = policy::untrusted_worker_narrowing().compile().expect("narrowing");
+    let gate = policy::untrusted_worker_gate(0x9e37_79b9_7f4a_7c15).compile().expect("gate");
     let mut one_rule = seccomp::Filter::new(seccomp::Action::Allow);
     one_rule.rule(libc::SYS_kill, seccomp::Action::Errno(libc::EPERM as u16));
     let one_rule = one_rule.compile().expect("one rule");
     measure("allowlist alone (the first session's per-worker filter)", None, &allowlist, samples);
-    measure("narrowing on the envelope (per worker now)", Some(&envelope), &narrowing, samples);
+    measure("gate on the envelope (once per runner connection thread; each worker inherits it)", Some(&envelope), &gate, samples);
     measure("one-rule filter on the envelope", Some(&envelope), &one_rule, samples);
 }

@@ -13,9 +13,10 @@ fn runner_threads(pid: u32) -> Vec<(String, String, Vec<String>)> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
         let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        // A worker listed here may be reaped before its status is read: skip it.
         let workers = children
             .split_whitespace()
-            .map(|child| cpus_allowed(&format!("/proc/{child}/status")))
+            .filter_map(|child| try_cpus_allowed(&format!("/proc/{child}/status")))
             .collect();
         out.push((comm, cpus_allowed(&format!("{}/status", task.path().display())), workers));
     }

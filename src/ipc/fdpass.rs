@@ -1,8 +1,12 @@
 //! Blocking SCM_RIGHTS send/receive on Unix stream sockets (runner side and engine
-//! start-up; the host's hot path sends through io_uring instead).
+//! start-up; the host's hot path sends through io_uring instead). `sendmsg` and
+//! `recvmsg` carry the seccomp gate's key (`crate::sandbox::gate`): the runner's
+//! connection threads may use them, workers may not.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::sandbox::gate;
 
 /// Most fds accepted in one `recvmsg`.
 pub const MAX_FDS: usize = 32;
@@ -57,8 +61,9 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> 
         if sent == 0 {
             attach_fds(&mut msg, &mut cmsg_buf, fds);
         }
+        let args = [sock as usize, &msg as *const libc::msghdr as usize, libc::MSG_NOSIGNAL as usize, 0, 0];
         // SAFETY: msg points at live iovec and cmsg buffers for the call's duration.
-        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { gate::syscall(libc::SYS_sendmsg, args) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -84,8 +89,9 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         msg.msg_iovlen = 1;
         msg.msg_control = cmsg_buf.as_mut_ptr().cast();
         msg.msg_controllen = cmsg_space(MAX_FDS) as _;
+        let args = [sock as usize, &mut msg as *mut libc::msghdr as usize, libc::MSG_CMSG_CLOEXEC as usize, 0, 0];
         // SAFETY: msg points at live buffers for the call's duration.
-        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe { gate::syscall(libc::SYS_recvmsg, args) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {

@@ -16,18 +16,21 @@
 //!   linked against glibc: C, C++, Rust std; and the Python 3 and Go
 //!   runtimes); everything else fails with [`DENY_ERRNO`].
 //!
-//!   It is installed in two layers, because turning a filter into a kernel
-//!   program (classic-to-eBPF conversion, JIT, the per-syscall action cache)
-//!   costs in proportion to its length and was ~13 % of all CPU when each
-//!   worker installed the whole allowlist (`perf record -a` on `demo`):
-//!   the runner installs [`untrusted_runner_envelope`] on itself once (the
-//!   allowlist plus the [`RUNNER_EXTRA`] syscalls the runner needs, with
-//!   `clone` and `prlimit64` unconditional), and each worker installs only
-//!   the short [`untrusted_worker_narrowing`] right before its `execveat`,
-//!   which takes the runner's extras away again. The kernel applies the most
-//!   restrictive answer of stacked filters, so a worker gets the allowlist's
-//!   answer for every syscall and argument (a test checks this on every
-//!   syscall number). The envelope is also stricter than
+//!   It is installed in two layers, so that no worker loads a filter of its
+//!   own (turning a filter into a kernel program costs in proportion to its
+//!   length, ~13 % of all CPU when each worker installed the whole allowlist,
+//!   and per-worker filters are freed at every exit, which after hours of load
+//!   deadlocked the kernel's BPF JIT allocator): the runner installs
+//!   [`untrusted_runner_envelope`] on itself once (the allowlist plus the
+//!   [`RUNNER_EXTRA`] syscalls the runner needs, with `clone` and `prlimit64`
+//!   unconditional), and each connection thread, which spawns the workers,
+//!   adds [`untrusted_worker_gate`] on itself once: the allowlist's answer for
+//!   everything the envelope adds, unless the syscall carries the runner's
+//!   random key in its unused sixth argument (see [`super::gate`]). Workers
+//!   inherit both filters. The kernel applies the most restrictive answer of
+//!   stacked filters, so a worker, which never holds the key, gets the
+//!   allowlist's answer for every syscall and argument (a test checks this on
+//!   every syscall number). The envelope is also stricter than
 //!   [`runner_denylist`], which is therefore not installed at this level.
 //!
 //! In every filter any ABI other than x86_64 and any x32 syscall number kill
@@ -442,8 +445,8 @@ const WORKER_ALLOWED: &[libc::c_long] = &[
 /// Level `untrusted`: what every worker is bound by — a default-deny allowlist
 /// (default `Errno(EPERM)`), in force from the worker's `execveat` on. In
 /// production it is the combination of [`untrusted_runner_envelope`]
-/// (inherited from the runner) and [`untrusted_worker_narrowing`] (installed
-/// by the worker after no_new_privs); this is the reference they are tested
+/// (the runner's) and [`untrusted_worker_gate`] (its connection threads'),
+/// both inherited by every worker; this is the reference they are tested
 /// against.
 ///
 /// Allowed: what a short-lived request/response program needs, statically or
@@ -503,15 +506,19 @@ pub fn untrusted_runner_envelope() -> Filter {
     untrusted_allowlist(true)
 }
 
-/// Level `untrusted`, installed by each worker on top of the inherited
-/// [`untrusted_runner_envelope`] right before `execveat`: default allow, and
-/// the allowlist's answer for everything the envelope adds — EPERM for
-/// [`RUNNER_EXTRA`], `clone` only for threads, `prlimit64` only as a query.
-/// Under a third of the allowlist's length (64 instructions against 230), so
-/// it is cheaper to load.
-pub fn untrusted_worker_narrowing() -> Filter {
+/// Level `untrusted`, installed once by each runner connection thread (the
+/// threads that clone workers) on top of [`untrusted_runner_envelope`], and
+/// inherited by every worker: default allow, and for everything the envelope
+/// adds the allowlist's answer — EPERM for [`RUNNER_EXTRA`], `clone` only for
+/// threads, `prlimit64` only as a query — unless the sixth argument
+/// ([`super::gate::KEY_ARG`]) is `key` on all 64 bits. The runner passes its
+/// key there ([`super::gate::syscall`]); a worker never sees it.
+pub fn untrusted_worker_gate(key: u64) -> Filter {
     let mut filter = Filter::new(Action::Allow);
-    filter.rules(RUNNER_EXTRA, DENY);
+    let keyed = ArgCond::u64_eq(super::gate::KEY_ARG, key).to_vec();
+    for &nr in RUNNER_EXTRA.iter().chain(&[SYS_clone, SYS_prlimit64]) {
+        filter.rule_if(nr, keyed.clone(), Action::Allow, DENY);
+    }
     add_thread_only_clone(&mut filter);
     add_query_only_prlimit(&mut filter);
     filter
@@ -575,7 +582,7 @@ mod tests {
             ("runner_denylist", runner_denylist()),
             ("untrusted_worker_allowlist", untrusted_worker_allowlist()),
             ("untrusted_runner_envelope", untrusted_runner_envelope()),
-            ("untrusted_worker_narrowing", untrusted_worker_narrowing()),
+            ("untrusted_worker_gate", untrusted_worker_gate(TEST_KEY)),
         ] {
             let (program, max_steps) = assert_equivalent(&filter, 600, 24, 7);
             eprintln!(
@@ -602,33 +609,72 @@ mod tests {
         }
     }
 
+    /// A key as the runner draws one (any value but 0 works the same).
+    const TEST_KEY: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    /// Argument vectors with the key, near misses of it (one bit off, each half
+    /// right on its own) and unrelated values in the key's register.
+    fn with_key_variants(sets: &[[u64; 6]]) -> Vec<[u64; 6]> {
+        let k = TEST_KEY;
+        let variants = [k, k ^ 1, k ^ (1 << 63), k & 0xffff_ffff, k & !0xffff_ffff, k.rotate_right(32)];
+        let mut out = sets.to_vec();
+        for set in sets {
+            for v in variants {
+                let mut a = *set;
+                a[usize::from(super::super::gate::KEY_ARG)] = v;
+                out.push(a);
+            }
+        }
+        out
+    }
+
     #[test]
-    fn envelope_plus_narrowing_is_exactly_the_worker_allowlist() {
+    fn envelope_plus_gate_is_exactly_the_worker_allowlist_without_the_key() {
         let allowlist = untrusted_worker_allowlist();
         let envelope = untrusted_runner_envelope();
-        let narrowing = untrusted_worker_narrowing();
-        let (p_env, p_nar) = (envelope.compile().unwrap(), narrowing.compile().unwrap());
+        let gate = untrusted_worker_gate(TEST_KEY);
+        let (p_env, p_gate) = (envelope.compile().unwrap(), gate.compile().unwrap());
         let mut rng = Rng(0x5eed);
         let mut arg_sets = interesting_args(&allowlist, &mut rng, 24);
-        arg_sets.extend(interesting_args(&narrowing, &mut rng, 24));
+        arg_sets.extend(interesting_args(&gate, &mut rng, 24));
+        let arg_sets = with_key_variants(&arg_sets);
+        let key_arg = usize::from(super::super::gate::KEY_ARG);
         let edges = [X32_SYSCALL_BIT - 1, X32_SYSCALL_BIT, X32_SYSCALL_BIT | 39, u32::MAX];
+        let mut keyed_checked = 0;
         for nr in (0..=600).chain(edges) {
             for args in &arg_sets {
                 for arch in [super::super::seccomp::AUDIT_ARCH_X86_64, 0x4000_0003] {
-                    let want = allowlist.evaluate(arch, nr, args);
-                    let reference = stacked(envelope.evaluate(arch, nr, args), narrowing.evaluate(arch, nr, args));
+                    // Without the key: the allowlist. With it: the runner's envelope.
+                    let want = if args[key_arg] == TEST_KEY {
+                        keyed_checked += 1;
+                        envelope.evaluate(arch, nr, args)
+                    } else {
+                        allowlist.evaluate(arch, nr, args)
+                    };
+                    let reference = stacked(envelope.evaluate(arch, nr, args), gate.evaluate(arch, nr, args));
                     assert_eq!(reference, want, "reference: arch {arch:#x} nr {nr} args {args:x?}");
                     let (a, _) = simulate_steps(&p_env, arch, nr, args);
-                    let (b, _) = simulate_steps(&p_nar, arch, nr, args);
+                    let (b, _) = simulate_steps(&p_gate, arch, nr, args);
                     assert_eq!(stacked(a, b), want, "compiled: arch {arch:#x} nr {nr} args {args:x?}");
                 }
             }
         }
+        assert!(keyed_checked > 0);
         for extra in RUNNER_EXTRA {
             assert!(!WORKER_ALLOWED.contains(extra), "{extra} is both a runner extra and allowed to workers");
         }
-        let full = untrusted_worker_allowlist().compile().unwrap().len();
-        assert!(p_nar.len() * 3 < full, "narrowing {} vs allowlist {full} instructions", p_nar.len());
+        // With the key, the runner's needs pass the gate; without it they do not.
+        let mut keyed = [0u64; 6];
+        keyed[key_arg] = TEST_KEY;
+        let runner_clone = (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::SIGCHLD) as u64;
+        for nr in RUNNER_EXTRA.iter().chain(&[SYS_clone, SYS_prlimit64]) {
+            let mut a = keyed;
+            a[0] = runner_clone;
+            a[2] = 0x7ffd_0000_1000;
+            assert_eq!(simulate(&p_gate, *nr as u32, &a), Action::Allow, "{nr} with the key");
+            a[key_arg] = 0;
+            assert_eq!(simulate(&p_gate, *nr as u32, &a), EPERM, "{nr} without the key");
+        }
     }
 
     /// The runner skips the per-worker IPC namespace at level `untrusted` because
@@ -899,10 +945,62 @@ mod tests {
     fn kernel_enforces_worker_allowlist() {
         let allowlist = untrusted_worker_allowlist().compile().unwrap();
         let envelope = untrusted_runner_envelope().compile().unwrap();
-        let narrowing = untrusted_worker_narrowing().compile().unwrap();
-        // The reference allowlist alone, and the production stack.
+        let gate = untrusted_worker_gate(TEST_KEY).compile().unwrap();
+        // The reference allowlist alone, and the production stack (the syscalls
+        // below carry no key).
         kernel_enforces(&[allowlist.as_fprog()]);
-        kernel_enforces(&[envelope.as_fprog(), narrowing.as_fprog()]);
+        kernel_enforces(&[envelope.as_fprog(), gate.as_fprog()]);
+    }
+
+    /// Real kernel: behind the gate, the runner's syscalls work with the key and
+    /// fail without it, or with a near miss of it.
+    #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
+    #[test]
+    fn kernel_lets_only_keyed_syscalls_through_the_gate() {
+        use super::super::gate;
+        let envelope = untrusted_runner_envelope().compile().unwrap();
+        let gate_prog = untrusted_worker_gate(TEST_KEY).compile().unwrap();
+        let (e, g) = (envelope.as_fprog(), gate_prog.as_fprog());
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let end = in_child(|| {
+            if !no_new_privs() {
+                return 10;
+            }
+            // SAFETY: installing compiled programs kept alive by the caller; plain
+            // syscalls with integer arguments (kill with signal 0 only checks).
+            unsafe {
+                if super::super::seccomp::install_raw(&e) != 0 || super::super::seccomp::install_raw(&g) != 0 {
+                    return 11;
+                }
+                let me = libc::getpid() as usize;
+                for wrong in [0, TEST_KEY ^ 1, TEST_KEY & 0xffff_ffff, TEST_KEY & !0xffff_ffff] {
+                    if libc::syscall(libc::SYS_kill, me, 0, 0, 0, 0, wrong) != -1 || errno() != libc::EPERM {
+                        return 12;
+                    }
+                }
+                // This child is a copy of the test process: setting the key here
+                // changes nothing for the other tests.
+                gate::set_key(TEST_KEY);
+                if gate::syscall(libc::SYS_kill, [me, 0, 0, 0, 0]) != 0 {
+                    return 13;
+                }
+                let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+                    return 14;
+                }
+                let rl_ptr = &rl as *const libc::rlimit as usize;
+                if gate::syscall(libc::SYS_prlimit64, [0, libc::RLIMIT_NOFILE as usize, rl_ptr, 0, 0]) != 0 {
+                    return 15;
+                }
+                if libc::write(fds[1], b"ok".as_ptr().cast(), 2) != 2 {
+                    return 16;
+                }
+            }
+            0
+        });
+        expect_ok_from_child(end, fds);
     }
 
     #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
@@ -984,11 +1082,12 @@ mod tests {
         use std::ffi::CString;
         let denylist = runner_denylist().compile().unwrap();
         let envelope = untrusted_runner_envelope().compile().unwrap();
-        let narrowing = untrusted_worker_narrowing().compile().unwrap();
-        // (runner's filter, worker's filter): level worker-engine, level untrusted.
+        let gate = untrusted_worker_gate(TEST_KEY).compile().unwrap();
+        // (runner's filter, connection thread's filter): level worker-engine,
+        // level untrusted.
         let levels = [
             (denylist.as_fprog(), None),
-            (envelope.as_fprog(), Some(narrowing.as_fprog())),
+            (envelope.as_fprog(), Some(gate.as_fprog())),
         ];
         let script = "import json, os, sys, hashlib, re, threading\n\
                       t = threading.Thread(target=lambda: None); t.start(); t.join()\n\

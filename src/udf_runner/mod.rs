@@ -23,7 +23,7 @@ use prost::Message;
 
 use crate::ipc::control::{host_to_runner, runner_to_host, Exited, HostToRunner, RunnerToHost, SpawnFailed, StartFailed, Started};
 use crate::ipc::{fdpass, frame};
-use crate::sandbox::{policy, rootfs, seccomp};
+use crate::sandbox::{gate, policy, rootfs, seccomp};
 use spawn::{SpawnPlan, Spawner};
 
 /// Runner settings, passed as command-line arguments by the engine.
@@ -172,8 +172,9 @@ impl Shared {
 /// What a connection thread needs to start workers.
 struct Settings {
     devnull: OwnedFd,
-    /// The worker's own seccomp program, if the level has one.
-    worker_filter: Option<seccomp::Program>,
+    /// The seccomp gate each connection thread installs on itself before it spawns
+    /// (level `untrusted`; workers inherit it, see `crate::sandbox::gate`).
+    gate: Option<seccomp::Program>,
     /// gVisor cannot exec a host memfd reliably (ENXIO; `/proc/self/exe` would read
     /// `host:[N]`): binaries are copied into a sandbox memfd at load.
     copy_binaries: bool,
@@ -259,17 +260,23 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
         }
         other => return Err(format!("unsupported mode {other:?}")),
     };
-    // The runner's own filter and the one each worker adds before exec (see
-    // `policy`: at level `untrusted` the runner holds the allowlist widened by its
-    // own needs and workers install only the short narrowing, which is cheap to load).
-    let (runner_filter, worker_filter) = match args.filter.as_str() {
+    // The runner's own filter, and the gate its connection threads add on
+    // themselves (see `policy`: at level `untrusted` the runner holds the
+    // allowlist widened by its own needs, and the gate takes those needs away
+    // again from anything that does not pass the runner's key; workers inherit
+    // both and load no filter of their own).
+    let (runner_filter, gate) = match args.filter.as_str() {
         "no" => (None, None),
         "worker-engine" => (Some(policy::runner_denylist()), None),
-        "untrusted" => (Some(policy::untrusted_runner_envelope()), Some(policy::untrusted_worker_narrowing())),
+        "untrusted" => {
+            let key = gate::random_key().map_err(|e| format!("draw the seccomp gate key: {e}"))?;
+            gate::set_key(key);
+            (Some(policy::untrusted_runner_envelope()), Some(policy::untrusted_worker_gate(key)))
+        }
         other => return Err(format!("unknown filter level {other:?}")),
     };
-    let worker_filter = match worker_filter {
-        Some(filter) => Some(filter.compile().map_err(|e| format!("compile worker seccomp filter: {e}"))?),
+    let gate = match gate {
+        Some(filter) => Some(filter.compile().map_err(|e| format!("compile the seccomp gate: {e}"))?),
         None => None,
     };
     // Installed while the process has one thread: a seccomp filter binds the thread
@@ -294,7 +301,7 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
     let fsize = args.max_log_bytes;
     let settings = Settings {
         devnull: devnull.into(),
-        worker_filter,
+        gate,
         copy_binaries: gvisor,
         // Minimal mode: the runner's own network namespace is empty, workers share
         // it. gVisor: the container has a loopback, so each worker gets its own.
@@ -449,12 +456,14 @@ struct ConnThread {
     fds: std::collections::VecDeque<OwnedFd>,
     binaries: HashMap<u64, OwnedFd>,
     spawner: Spawner,
+    /// Why this connection starts no worker (its seccomp gate is missing).
+    refuse: Option<String>,
 }
 
 impl ConnThread {
     fn new(idx: usize, shared: Arc<Shared>, settings: Arc<Settings>) -> ConnThread {
         let spawner = Spawner::new(settings.extra_clone_flags);
-        ConnThread { idx, shared, settings, decoder: frame::Decoder::default(), fds: Default::default(), binaries: HashMap::new(), spawner }
+        ConnThread { idx, shared, settings, decoder: frame::Decoder::default(), fds: Default::default(), binaries: HashMap::new(), spawner, refuse: None }
     }
 
     fn run(mut self) {
@@ -478,6 +487,15 @@ impl ConnThread {
         // SAFETY: setpriority on the calling thread (who = 0).
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WORKER_NICE) } != 0 {
             eprintln!("roma-byob-runner: cannot lower the priority of connection {}: {}", self.idx, io::Error::last_os_error());
+        }
+        // Last: the gate refuses the two calls above to anything without the key.
+        // Without it no worker may start (fail closed: each spawn order is answered
+        // with the reason).
+        if let Some(prog) = &self.settings.gate {
+            if let Err(e) = prog.install() {
+                eprintln!("roma-byob-runner: connection {}: cannot install the seccomp gate: {e}", self.idx);
+                self.refuse = Some(format!("the runner could not install its seccomp gate: {e}"));
+            }
         }
         let fd = self.shared.conns[self.idx].as_raw_fd();
         let mut buf = vec![0u8; 64 * 1024];
@@ -534,8 +552,7 @@ impl ConnThread {
         let tables = lock(&self.shared.tables);
         for (pid, w) in &tables.pids {
             if w.conn == self.idx {
-                // SAFETY: signalling our own unreaped child.
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
+                kill_worker(*pid);
             }
         }
         drop(tables);
@@ -557,16 +574,14 @@ impl ConnThread {
                 let tables = lock(&self.shared.tables);
                 for (pid, w) in &tables.pids {
                     if w.conn == self.idx && w.code_id == unload.code_id {
-                        // SAFETY: signalling our own unreaped child.
-                        unsafe { libc::kill(*pid, libc::SIGKILL) };
+                        kill_worker(*pid);
                     }
                 }
             }
             host_to_runner::Msg::Kill(kill) => {
                 let tables = lock(&self.shared.tables);
                 if let Some(pid) = tables.by_worker.get(&(self.idx, kill.worker_id)) {
-                    // SAFETY: signalling our own unreaped child.
-                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                    kill_worker(*pid);
                 }
             }
             host_to_runner::Msg::Spawn(sp) => {
@@ -580,18 +595,17 @@ impl ConnThread {
                 };
                 let shm = if sp.shm { Some(self.fds.pop_front().ok_or("Spawn without its shared-memory fd")?) } else { None };
                 let result = match self.binaries.get(&sp.code_id) {
+                    _ if self.refuse.is_some() => Err(self.refuse.clone().unwrap_or_default()),
                     None => Err(format!("unknown code id {}", sp.code_id)),
                     Some(bin) => {
                         let settings = &self.settings;
                         let null = settings.devnull.as_raw_fd();
-                        let fprog = settings.worker_filter.as_ref().map(|p| p.as_fprog());
                         let plan = SpawnPlan {
                             binary: bin.as_raw_fd(),
                             channel: channel.as_raw_fd(),
                             stdin: null,
                             stdout: logs.as_ref().map_or(null, |l| l.0.as_raw_fd()),
                             stderr: logs.as_ref().map_or(null, |l| l.1.as_raw_fd()),
-                            seccomp: fprog.as_ref().map(|f| f as *const libc::sock_fprog),
                             rlimit_as: settings.rlimit_as,
                             rlimit_fsize: logs.as_ref().map(|_| settings.rlimit_fsize),
                             shm: shm.as_ref().map(|f| f.as_raw_fd()),
@@ -639,11 +653,21 @@ impl ConnThread {
     }
 }
 
+/// SIGKILL for one of our unreaped workers, from a connection thread (through the
+/// seccomp gate: `kill` carries the key).
+fn kill_worker(pid: libc::pid_t) {
+    // SAFETY: signalling our own unreaped child (the caller holds the worker table,
+    // so the pid is not a recycled one).
+    unsafe { gate::syscall(libc::SYS_kill, [pid as usize, libc::SIGKILL as usize, 0, 0, 0]) };
+}
+
 /// Copies a received binary into a memfd owned by this (sandboxed) process.
 fn copy_to_memfd(src: &OwnedFd) -> io::Result<OwnedFd> {
     use std::os::unix::fs::FileExt;
-    // SAFETY: static NUL-terminated name; returns a fresh fd.
-    let fd = unsafe { libc::memfd_create(c"roma-byob-udf".as_ptr(), libc::MFD_CLOEXEC) };
+    let name = c"roma-byob-udf".as_ptr() as usize;
+    // SAFETY: static NUL-terminated name; returns a fresh fd (through the seccomp
+    // gate: this runs on a connection thread).
+    let fd = unsafe { gate::syscall(libc::SYS_memfd_create, [name, libc::MFD_CLOEXEC as usize, 0, 0, 0]) } as libc::c_int;
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -3,15 +3,19 @@
 //! `CLONE_NEWIPC` unless the seccomp level refuses every IPC syscall, and
 //! `CLONE_NEWNET` in gVisor)
 //! whose child, sharing the runner's memory until it execs, sets up its fds, drops
-//! every capability, sets no_new_privs, installs the precompiled seccomp program and
-//! `execveat`s the binary fd. The root is the runner's (already read-only), so there
-//! is no per-worker mount work.
+//! every capability, sets no_new_privs and `execveat`s the binary fd. The root is
+//! the runner's (already read-only), so there is no per-worker mount work, and the
+//! seccomp filters are the spawning thread's, inherited (no per-worker filter
+//! load): the syscalls here that workers must not make carry the gate's key
+//! (`crate::sandbox::gate`).
 //!
 //! The child runs on a private stack with the parent suspended (vfork semantics), so
 //! it may only make raw syscalls: no allocation, no locks, no Rust std I/O.
 
 use std::io;
 use std::os::fd::RawFd;
+
+use crate::sandbox::gate;
 
 /// Everything the child needs, prepared by the parent before `clone`.
 pub struct SpawnPlan {
@@ -20,7 +24,6 @@ pub struct SpawnPlan {
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
-    pub seccomp: Option<*const libc::sock_fprog>,
     pub rlimit_as: Option<libc::rlimit>,
     pub rlimit_fsize: Option<libc::rlimit>,
     /// Shared-memory region, handed to the UDF as fd 4 (`argv[2]` = "4").
@@ -39,7 +42,7 @@ struct ChildCtx {
 
 const STEPS: [&str; 12] = [
     "none", "dup2 stdio", "dup2 channel", "close_range", "prctl(PDEATHSIG)", "setrlimit",
-    "capset", "prctl(NO_NEW_PRIVS)", "seccomp", "execveat", "move fds", "dup2 shared memory",
+    "capset", "prctl(NO_NEW_PRIVS)", "unused", "execveat", "move fds", "dup2 shared memory",
 ];
 
 /// fds the child places: 0-2 stdio, 3 channel, 4 shared memory.
@@ -114,18 +117,23 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // Everything above the channel becomes close-on-exec (the binary fd included:
         // execveat of an ELF binary works on a close-on-exec fd).
         // Upper bound INT_MAX, not UINT_MAX: gVisor rejects larger bounds with EINVAL.
-        step!(3, libc::syscall(libc::SYS_close_range, 4u32, i32::MAX as u32, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int);
+        step!(3, gate::syscall(libc::SYS_close_range, [4, i32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize, 0, 0]) as libc::c_int);
         if shm == 4 {
             step!(11, libc::fcntl(4, libc::F_SETFD, 0));
         } else if shm >= 0 {
             step!(11, libc::dup2(shm, 4));
         }
-        step!(4, libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0));
+        let prctl = |option: libc::c_int, arg: usize| gate::syscall(libc::SYS_prctl, [option as usize, arg, 0, 0, 0]) as libc::c_int;
+        let setrlimit = |resource: libc::__rlimit_resource_t, lim: &libc::rlimit| {
+            let lim = lim as *const libc::rlimit as usize;
+            gate::syscall(libc::SYS_prlimit64, [0, resource as usize, lim, 0, 0]) as libc::c_int
+        };
+        step!(4, prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize));
         if let Some(lim) = plan.rlimit_as.as_ref() {
-            step!(5, libc::setrlimit(libc::RLIMIT_AS, lim));
+            step!(5, setrlimit(libc::RLIMIT_AS, lim));
         }
         if let Some(lim) = plan.rlimit_fsize.as_ref() {
-            step!(5, libc::setrlimit(libc::RLIMIT_FSIZE, lim));
+            step!(5, setrlimit(libc::RLIMIT_FSIZE, lim));
             // Log writes past the limit fail with EFBIG instead of killing the UDF.
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         }
@@ -134,14 +142,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             CapData { effective: 0, permitted: 0, inheritable: 0 },
             CapData { effective: 0, permitted: 0, inheritable: 0 },
         ];
-        step!(6, libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) as libc::c_int);
-        step!(7, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
-        if let Some(prog) = plan.seccomp {
-            step!(
-                8,
-                libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, prog) as libc::c_int
-            );
-        }
+        let caps = [&mut header as *mut CapHeader as usize, data.as_ptr() as usize, 0, 0, 0];
+        step!(6, gate::syscall(libc::SYS_capset, caps) as libc::c_int);
+        step!(7, prctl(libc::PR_SET_NO_NEW_PRIVS, 1));
         libc::syscall(
             libc::SYS_execveat,
             binary,
@@ -186,16 +189,19 @@ impl Spawner {
         // `ctx` and `plan` stay valid and unaliased for the child's whole run.
         let pid = unsafe {
             let top = self.stack.as_mut_ptr().add(self.stack.len()).cast::<libc::c_void>();
-            libc::clone(child_main, top, flags, (&mut ctx as *mut ChildCtx).cast())
+            clone_keyed(flags as libc::c_ulong, top, child_main, (&mut ctx as *mut ChildCtx).cast(), gate::key())
         };
         if pid < 0 {
-            let e = io::Error::last_os_error();
+            let e = io::Error::from_raw_os_error((-pid) as i32);
             return Err(io::Error::new(e.kind(), format!("clone: {e}")));
         }
+        let pid = pid as libc::pid_t;
         if ctx.failed_step != 0 {
             let mut status = 0;
-            // SAFETY: reaping our own child that has already exited.
-            if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+            // SAFETY: reaping our own child that has already exited (wait4 carries the
+            // gate's key: the connection thread's filter keeps it from workers).
+            let status_ptr = &mut status as *mut libc::c_int as usize;
+            if unsafe { gate::syscall(libc::SYS_wait4, [pid as usize, status_ptr, 0, 0, 0]) } < 0 {
                 reaped_elsewhere(pid);
             }
             let step = STEPS.get(ctx.failed_step as usize).copied().unwrap_or("?");
@@ -204,4 +210,59 @@ impl Spawner {
         }
         Ok(pid)
     }
+}
+
+/// `clone(2)` onto `stack_top` running `f(arg)` in the child, with `key` in the
+/// sixth argument register (`r9`): the connection thread's seccomp gate lets a
+/// process-creating `clone` through only with the runner's key, and glibc's
+/// `clone()` wrapper leaves `r9` undefined. Returns the child's pid or `-errno`.
+/// The child exits with `f`'s return value if `f` returns.
+///
+/// # Safety
+/// `stack_top` must be the 16-byte aligned top of memory the child may use as its
+/// stack until it execs or exits, and `f` must be safe to run there with `arg`
+/// (with `CLONE_VM` it shares this process's memory).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_keyed(
+    flags: libc::c_ulong,
+    stack_top: *mut libc::c_void,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+    key: u64,
+) -> libc::c_long {
+    let ret: libc::c_long;
+    // SAFETY: the raw clone syscall (x86_64: rdi flags, rsi stack, rdx parent_tid,
+    // r10 child_tid, r8 tls, r9 unused by the kernel). In the parent only rax, rcx
+    // and r11 change. The child starts on `stack_top` (16-byte aligned, so the
+    // `call` leaves the ABI's alignment), clears the frame pointer, calls f(arg)
+    // from the callee-saved r12/r13 that it inherited, and exits with its result;
+    // it never returns into Rust code of the parent's frame.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, 60", // SYS_exit
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone => ret,
+            in("rdi") flags,
+            in("rsi") stack_top,
+            in("rdx") 0usize,
+            in("r10") 0usize,
+            in("r8") 0usize,
+            in("r9") key,
+            in("r12") arg,
+            in("r13") f,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
 }

@@ -74,10 +74,17 @@ pub fn probe(engine: &Engine, token: &CodeToken, what: &str, arg: &str) -> Strin
 
 /// The `Cpus_allowed_list` of a /proc status file (a process or a thread).
 pub fn cpus_allowed(status_path: &str) -> String {
-    let status = std::fs::read_to_string(status_path).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
+    try_cpus_allowed(status_path).unwrap_or_else(|| panic!("cannot read {status_path}"))
+}
+
+/// As [`cpus_allowed`], or `None` when the file is gone (a process reaped meanwhile).
+pub fn try_cpus_allowed(status_path: &str) -> Option<String> {
+    let status = std::fs::read_to_string(status_path).ok()?;
+    Some(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default(),
+    )
 }
