@@ -32,6 +32,10 @@ pub struct Metrics {
     /// Ready workers of this code token left on the engine thread that took the
     /// request, right after it took one.
     pub idle_workers_left: usize,
+    /// The calling thread wrote the request to a ready worker itself
+    /// (`Config::hand_over`; then `send` is zero and `response` counts from the
+    /// claim of the worker).
+    pub handed_over: bool,
 }
 
 /// A completed execution.
@@ -76,9 +80,6 @@ impl Sink {
 
 pub(crate) type Decoder<R> = fn(Bytes) -> Result<R>;
 
-/// How long [`Execution::wait`] polls before it parks the thread.
-pub const WAIT_SPIN: Duration = Duration::from_micros(50);
-
 pub(crate) fn finish<R>(raw: RawResult, decode: Decoder<R>) -> Result<Response<R>> {
     let raw = raw?;
     let response = decode(raw.body)?;
@@ -113,12 +114,14 @@ pub struct Execution<R> {
     token: ExecutionToken,
     rx: oneshot::Receiver<RawResult>,
     decode: Decoder<R>,
+    /// How long `wait` polls before parking.
+    spin: Duration,
     _marker: PhantomData<fn() -> R>,
 }
 
 impl<R> Execution<R> {
-    pub(crate) fn new(token: ExecutionToken, rx: oneshot::Receiver<RawResult>, decode: Decoder<R>) -> Self {
-        Execution { token, rx, decode, _marker: PhantomData }
+    pub(crate) fn new(token: ExecutionToken, rx: oneshot::Receiver<RawResult>, decode: Decoder<R>, spin: Duration) -> Self {
+        Execution { token, rx, decode, spin, _marker: PhantomData }
     }
 
     /// The token to pass to [`crate::Engine::cancel`].
@@ -126,12 +129,13 @@ impl<R> Execution<R> {
         &self.token
     }
 
-    /// Blocks the calling thread until the execution completes. It first polls for
-    /// up to [`WAIT_SPIN`] (a parked thread costs tens of µs to wake in a VM), then
-    /// parks.
+    /// Blocks the calling thread until the execution completes. When the worker runs
+    /// on another core than the caller, it first polls for up to
+    /// `Config::wait_spin` (a parked thread costs tens of µs to wake in a VM), then
+    /// parks; on the worker's own core polling would only keep the worker waiting.
     pub fn wait(mut self) -> Result<Response<R>> {
         let start = std::time::Instant::now();
-        while start.elapsed() < WAIT_SPIN {
+        while start.elapsed() < self.spin {
             match self.rx.try_recv() {
                 Ok(Some(raw)) => return finish(raw, self.decode),
                 Ok(None) => std::hint::spin_loop(),

@@ -127,6 +127,19 @@ pub struct Config {
     /// Ignored when `busy_poll` is on (a polling engine thread would keep its own
     /// workers off their core).
     pub pin_workers: bool,
+    /// The calling thread hands a request to a ready worker itself: it claims the
+    /// worker, queues the execution on its engine thread without waking it, and
+    /// writes the request (up to 64 KiB; on the shared-memory transport it places
+    /// it in the region and rings the doorbell) with one non-blocking `send`. The
+    /// engine thread then wakes once per execution, for the answer, instead of
+    /// also for the request. Off: every request goes through the engine thread.
+    pub hand_over: bool,
+    /// `Execution::wait` polls for the answer this long before it parks the
+    /// calling thread, when the execution's worker runs on another core than the
+    /// caller (requests prefer such a shard). A parked thread on an idle vCPU
+    /// costs tens of µs to wake in a VM; polling on the worker's own core would
+    /// keep the worker off it. Zero: park at once.
+    pub wait_spin: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs). Symlinks are followed; missing paths are skipped with a warning.
@@ -158,6 +171,8 @@ impl Default for Config {
             batch_wait: Duration::from_micros(200),
             batch_min_in_flight: 8,
             pin_workers: true,
+            hand_over: true,
+            wait_spin: Duration::from_micros(100),
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],
             memory_limit: None,

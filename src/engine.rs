@@ -14,7 +14,7 @@ use futures_channel::oneshot;
 
 use crate::completion::{self, Execution, RawResult, Response, Sink};
 use crate::ipc::shm::{Region, Reuse, ShmPool};
-use crate::ring::{self, Claim, Cmd, ExecRequest, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
+use crate::ring::{self, Claim, Cmd, ExecRequest, Offer, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
 use crate::sandbox::launch::Launcher;
 use crate::host_api::{HostApi, HostCallContext, HostFuture, HostResult};
 use crate::supervisor::Supervisor;
@@ -26,6 +26,8 @@ use crate::{CodeToken, Config, Error, ExecuteOptions, ExecutionToken, LoadOption
 pub struct Engine {
     config: Config,
     shards: Vec<ShardHandle>,
+    /// The core of each shard's engine thread.
+    shard_cores: Vec<usize>,
     tokens: RwLock<HashMap<u64, Arc<TokenEntry>>>,
     next_code: AtomicU64,
     next_exec: AtomicU64,
@@ -125,6 +127,7 @@ impl Engine {
         Ok(Engine {
             config,
             shards,
+            shard_cores: cores,
             tokens: RwLock::new(HashMap::new()),
             next_code: AtomicU64::new(1),
             next_exec: AtomicU64::new(1),
@@ -230,7 +233,8 @@ impl Engine {
     {
         let (tx, rx) = oneshot::channel();
         let id = self.submit_message(token, request, options, Sink::Channel(tx))?;
-        Ok(Execution::new(id, rx, completion::decode_message::<Resp>))
+        let spin = self.spin_for(&id);
+        Ok(Execution::new(id, rx, completion::decode_message::<Resp>, spin))
     }
 
     /// As [`Engine::execute`], for a request already serialised (raw protobuf bytes,
@@ -245,7 +249,8 @@ impl Engine {
         let place = |region: &Region| region.put_request(request).map(|()| request.len());
         let (tx, rx) = oneshot::channel();
         let id = self.submit(token, || request.len(), place, frame, options, Sink::Channel(tx))?;
-        Ok(Execution::new(id, rx, completion::decode_raw))
+        let spin = self.spin_for(&id);
+        Ok(Execution::new(id, rx, completion::decode_raw, spin))
     }
 
     /// Callback form of [`Engine::execute`]: `callback` runs exactly once, on an
@@ -325,6 +330,17 @@ impl Engine {
         self.shm_pool.shutdown();
     }
 
+    /// `Config::wait_spin` if the execution's shard (and so, with pinned workers,
+    /// its worker) runs on another core than the calling thread, else zero.
+    fn spin_for(&self, exec: &ExecutionToken) -> std::time::Duration {
+        let core = self.shard_cores.get(exec.shard as usize).copied();
+        if core != Some(current_cpu()) {
+            self.config.wait_spin
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
     fn token(&self, token: &CodeToken) -> Result<Arc<TokenEntry>> {
         self.tokens
             .read()
@@ -364,7 +380,7 @@ impl Engine {
             .map(|i| {
                 let pos = (i + n - start) % n;
                 let slots = workers / n + usize::from(pos < workers % n);
-                ShardSlots { slots, idle: AtomicUsize::new(0), shm_ready: Default::default() }
+                ShardSlots { slots, idle: AtomicUsize::new(0), ready: Default::default() }
             })
             .collect();
         let entry = Arc::new(TokenEntry {
@@ -400,10 +416,13 @@ impl Engine {
     }
 
     /// Routes one request whose body is `body_len()` bytes (computed only for
-    /// shared-memory tokens, which check it against their region). On the shared-memory transport, when a
-    /// ready worker can be claimed, `place` writes the request straight into its
-    /// region (serialised once, no other copy); otherwise `frame` builds the
-    /// length-delimited frame the shard sends (or places) when a worker is free.
+    /// shared-memory tokens, which check it against their region). When a ready
+    /// worker can be claimed (see `ring::ReadyWorkers`), this thread hands the
+    /// request over itself (`Config::hand_over`): on the shared-memory transport
+    /// `place` writes it straight into the worker's region (serialised once, no
+    /// other copy) and the doorbell follows; otherwise `frame` builds the
+    /// length-delimited frame, written to the worker's socket here or, with no
+    /// worker to claim, by the shard when one is free.
     fn submit(
         &self,
         token: &CodeToken,
@@ -417,7 +436,17 @@ impl Engine {
         let entry = self.token(token)?;
         let n = self.shards.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut claim = None;
+        // Round-robin, shards on another core than this thread first: the caller
+        // can then poll for the answer while the worker runs (`Config::wait_spin`).
+        let cpu = current_cpu();
+        let cores = &self.shard_cores;
+        let rotation = move || (0..n).map(move |k| (start + k) % n);
+        let order = move || rotation().filter(move |&i| cores[i] != cpu).chain(rotation().filter(move |&i| cores[i] == cpu));
+        let claim_one = || order().find_map(|i| entry.per_shard[i].ready.claim().map(|o| (i, o)));
+        let hand_over = self.config.hand_over;
+        let mut claimed: Option<(usize, Offer, Claim, Vec<u8>)> = None;
+        let mut frame_built: Option<Arc<Vec<u8>>> = None;
+        let mut frame = Some(frame);
         if let Some(size) = entry.shm {
             let body_len = body_len();
             if !crate::ipc::shm::fits(size, body_len) {
@@ -425,46 +454,120 @@ impl Engine {
                     "request of {body_len} bytes does not fit code token {token}'s shared-memory region of {size} bytes; load it with a larger LoadOptions::shared_memory"
                 )));
             }
-            let claimed = (0..n).map(|k| (start + k) % n).find_map(|i| entry.per_shard[i].shm_ready.claim().map(|c| (i, c)));
-            if let Some((shard, (key, region))) = claimed {
+            if let Some((shard, offer)) = claim_one() {
                 let at = Instant::now();
+                let Some(region) = offer.region.clone() else {
+                    return Err(Error::Internal("a shared-memory worker offered without its region".into()));
+                };
                 match place(region.region()) {
                     Ok(len) => {
                         region.note_used(crate::ipc::shm::HEADER + len);
-                        claim = Some((shard, Claim { key, region, len, at }));
+                        let (key, gen) = (offer.key, offer.gen);
+                        let claim = Claim { key, gen, region: Some(region), len, frame: None, at, handed: hand_over };
+                        claimed = Some((shard, offer, claim, vec![0]));
                     }
                     Err(why) => {
                         // The worker is still ready: offer it again.
-                        entry.per_shard[shard].shm_ready.publish(key, region);
+                        entry.per_shard[shard].ready.publish(offer);
                         return Err(Error::ResourceExhausted(format!("cannot place the request in shared memory: {why}")));
                     }
                 }
             }
-        }
-        let (shard, frame, submitted) = match &claim {
-            Some((shard, _)) => (*shard, Vec::new(), submitted),
-            None => {
-                let frame = frame();
-                let ready = (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].idle.load(Ordering::Relaxed) > 0);
-                let shard = ready.unwrap_or_else(|| {
-                    (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
-                });
-                (shard, frame, Instant::now())
+        } else {
+            let frame = Arc::new(frame.take().map(|f| f()).unwrap_or_default());
+            if hand_over && frame.len() <= HAND_OVER_MAX {
+                if let Some((shard, offer)) = claim_one() {
+                    let (key, gen, at) = (offer.key, offer.gen, Instant::now());
+                    let claim = Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true };
+                    claimed = Some((shard, offer, claim, Vec::new()));
+                }
             }
-        };
+            frame_built = Some(frame);
+        }
         let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
+        let metadata = Arc::new(options.metadata);
+        if let Some((shard, offer, claim, doorbell)) = claimed {
+            let handed = claim.handed;
+            let (key, gen, at) = (claim.key, claim.gen, claim.at);
+            let req = ExecRequest {
+                id,
+                token: token.0,
+                metadata,
+                frame: Vec::new(),
+                worker_wait_timeout: options.worker_wait_timeout,
+                timeout: options.timeout,
+                sink,
+                submitted,
+                claim: Some(claim),
+            };
+            let shared = &self.shards[shard].shared;
+            if !handed {
+                shared.push(Cmd::Execute(req));
+                return Ok(ExecutionToken { shard: shard as u32, id });
+            }
+            // Queued before the first byte can reach the worker, so the shard knows
+            // the execution before it can see the answer; woken only if its own
+            // timer would come after the execution's deadline.
+            shared.push_lazy(Cmd::Execute(req), at + options.timeout);
+            let bytes: &[u8] = match &frame_built {
+                Some(frame) => frame,
+                None => &doorbell,
+            };
+            let (written, error) = send_nonblocking(&offer.fd, bytes);
+            drop(offer);
+            if written < bytes.len() {
+                shared.push(Cmd::HandOverShort { exec: id, key, gen, written, error });
+            }
+            return Ok(ExecutionToken { shard: shard as u32, id });
+        }
+        let frame = match frame_built {
+            Some(f) => Arc::try_unwrap(f).unwrap_or_else(|f| f.as_ref().clone()),
+            None => frame.take().map(|f| f()).unwrap_or_default(),
+        };
+        let ready = order().find(|&i| entry.per_shard[i].idle.load(Ordering::Relaxed) > 0);
+        let shard = ready.unwrap_or_else(|| order().find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0));
         self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
             id,
             token: token.0,
-            metadata: Arc::new(options.metadata),
+            metadata,
             frame,
             worker_wait_timeout: options.worker_wait_timeout,
             timeout: options.timeout,
             sink,
-            submitted,
-            claim: claim.map(|(_, c)| c),
+            submitted: Instant::now(),
+            claim: None,
         }));
         Ok(ExecutionToken { shard: shard as u32, id })
+    }
+}
+
+/// The CPU the calling thread runs on (`usize::MAX` if unknown).
+fn current_cpu() -> usize {
+    // SAFETY: sched_getcpu takes no arguments (a vDSO call).
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).unwrap_or(usize::MAX)
+}
+
+/// Largest request frame a caller writes to a worker itself: it fits a fresh Unix
+/// socket's send buffer, so one non-blocking `send` takes it all.
+const HAND_OVER_MAX: usize = 64 << 10;
+
+/// One non-blocking `send` of `bytes` (retried on EINTR): how many were written,
+/// and the errno if it failed (EAGAIN is no failure: the shard writes the rest).
+fn send_nonblocking(fd: &OwnedFd, bytes: &[u8]) -> (usize, Option<i32>) {
+    loop {
+        // SAFETY: sending from a live slice on a socket we hold open.
+        let n = unsafe {
+            libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+        };
+        if n >= 0 {
+            return (n as usize, None);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return (0, None),
+            e => return (0, Some(e.unwrap_or(libc::EIO))),
+        }
     }
 }
 

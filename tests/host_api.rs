@@ -112,3 +112,52 @@ fn a_udf_cannot_pile_up_unbounded_host_calls() {
     // The engine and the token keep serving.
     assert_eq!(call(&e, &t, &["test.Echo"], "after"), vec!["ok:pong:after".to_string()]);
 }
+
+/// Every execution runs exactly once, whether the calling thread hands the request
+/// to a ready worker itself (`Config::hand_over`) or the engine thread sends it, and
+/// also when the UDF crashes after its host call: a host function counts the runs.
+#[test]
+fn each_execution_runs_exactly_once_even_when_the_udf_crashes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for mode in modes() {
+        for hand_over in [true, false] {
+            let e = Engine::new(roma_byob::Config { mode, hand_over, ..Default::default() }).unwrap();
+            let runs = Arc::new(AtomicUsize::new(0));
+            let counter = runs.clone();
+            e.register_host_function("test.Count", move |_, _| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(b"counted".to_vec())
+            })
+            .unwrap();
+            let t = e.load(sample("callback_udf"), LoadOptions { workers: 2, host_api: true, ..Default::default() }).unwrap();
+            let rounds = 12;
+            let mut handed = 0;
+            for i in 0..rounds {
+                // Let the pool refill, so that a ready worker can be handed the request.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let payload = if i % 3 == 2 { "abort" } else { "x" };
+                let req = CallbackRequest { functions: vec!["test.Count".into()], payload: payload.into() };
+                let got = e.execute::<_, CallbackResponse>(&t, &req, opts()).unwrap().wait();
+                assert_eq!(runs.load(Ordering::SeqCst), i + 1, "{mode:?} hand_over {hand_over}: runs after execution {i}");
+                match got {
+                    Ok(r) => {
+                        assert_eq!(payload, "x", "{mode:?}");
+                        assert_eq!(r.response.results, vec!["ok:counted".to_string()]);
+                        handed += usize::from(r.metrics.handed_over);
+                    }
+                    Err(err) => {
+                        assert_eq!(payload, "abort", "{mode:?}: {err}");
+                        assert_eq!(err.code(), roma_byob::Code::Unavailable, "{err}");
+                        assert!(err.to_string().contains("was killed by signal"), "{err}");
+                    }
+                }
+            }
+            if hand_over {
+                assert!(handed > 0, "{mode:?}: no request was handed over");
+            } else {
+                assert_eq!(handed, 0, "{mode:?}: handed over with hand_over off");
+            }
+        }
+    }
+}

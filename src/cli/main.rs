@@ -63,6 +63,14 @@ pub struct EngineArgs {
     /// (Config::pin_workers = false).
     #[arg(long)]
     no_pin_workers: bool,
+    /// Send every request through the engine thread instead of writing it to a
+    /// ready worker from the calling thread (Config::hand_over = false).
+    #[arg(long)]
+    no_hand_over: bool,
+    /// Execution::wait polls this many µs for the answer before parking, when the
+    /// worker runs on another core (Config::wait_spin; 0 = park at once).
+    #[arg(long, default_value_t = 100)]
+    wait_spin_us: u64,
     /// Cores for the sandbox (runner and workers), e.g. 1 (default: all).
     #[arg(long, value_delimiter = ',')]
     runner_cores: Vec<usize>,
@@ -93,6 +101,8 @@ impl EngineArgs {
             batch_wait: std::time::Duration::from_micros(self.batch_wait_us),
             batch_min_in_flight: self.batch_min_in_flight,
             pin_workers: !self.no_pin_workers,
+            hand_over: !self.no_hand_over,
+            wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             ..Default::default()
         })

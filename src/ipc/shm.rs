@@ -573,60 +573,6 @@ impl Drop for WorkerRegion {
     }
 }
 
-/// The ready workers of one code token on one shard, offered to callers: a caller
-/// that claims one writes its request straight into the worker's region and then
-/// tells the shard (which never dispatches anything else to a claimed worker). The
-/// shard withdraws a worker before it uses it itself; whoever removes an entry first
-/// owns the worker.
-#[derive(Default)]
-pub struct ReadyRegions {
-    ready: Mutex<VecDeque<(u32, Arc<WorkerRegion>)>>,
-}
-
-impl std::fmt::Debug for ReadyRegions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReadyRegions({})", self.lock().len())
-    }
-}
-
-impl ReadyRegions {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<(u32, Arc<WorkerRegion>)>> {
-        match self.ready.lock() {
-            Ok(q) => q,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// Offers worker `key` (shard-local) and its region to callers.
-    pub fn publish(&self, key: u32, region: Arc<WorkerRegion>) {
-        self.lock().push_back((key, region));
-    }
-
-    /// Takes the offer of this region back: true if it was still offered (the shard
-    /// owns the worker again), false if a caller claimed it.
-    pub fn withdraw(&self, region: &Arc<WorkerRegion>) -> bool {
-        let mut q = self.lock();
-        match q.iter().position(|(_, r)| Arc::ptr_eq(r, region)) {
-            Some(i) => {
-                q.remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Claims the longest-ready worker, if any.
-    pub fn claim(&self) -> Option<(u32, Arc<WorkerRegion>)> {
-        self.lock().pop_front()
-    }
-
-    /// Withdraws every offer (the shard lost its workers).
-    pub fn clear(&self) {
-        let gone = std::mem::take(&mut *self.lock());
-        drop(gone);
-    }
-}
-
 /// Regions waiting to be wiped and wiped regions ready for new workers, per region
 /// size; one cleaner thread (started on first use) does the wiping.
 pub struct ShmPool {

@@ -5,9 +5,12 @@
 
 mod ctl;
 mod reactor;
+mod ready;
+
+pub(crate) use ready::{Offer, ReadyWorkers};
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,9 +22,9 @@ use crate::{Error, Result};
 pub(crate) struct ShardSlots {
     pub slots: usize,
     pub idle: AtomicUsize,
-    /// Shared-memory tokens: ready workers a caller may claim to write its request
-    /// straight into the worker's region.
-    pub shm_ready: crate::ipc::shm::ReadyRegions,
+    /// Ready workers a caller may claim to write its request to itself (see
+    /// [`ready`]).
+    pub ready: ReadyWorkers,
 }
 
 /// A loaded binary as every shard sees it.
@@ -48,6 +51,9 @@ pub(crate) enum Cmd {
     RunnerDown { epoch: u64 },
     /// The supervisor restarted the sandbox: use this control connection.
     Reconnect { epoch: u64, ctl: OwnedFd },
+    /// The caller that was handed execution `exec` on worker (`key`, `gen`) could
+    /// write only `written` bytes of its request (`error`: why, if it failed).
+    HandOverShort { exec: u64, key: u32, gen: u32, written: usize, error: Option<i32> },
     /// The sandbox cannot be restarted: fail everything from now on.
     RunnerFatal(String),
     Shutdown,
@@ -74,16 +80,26 @@ pub(crate) struct ExecRequest {
     pub claim: Option<Claim>,
 }
 
-/// A ready worker a caller claimed (see [`ShardSlots::shm_ready`]) and wrote its
-/// request into.
+/// A ready worker a caller claimed (see [`ShardSlots::ready`]). The caller queues
+/// the execution with its claim first and then writes the request to the worker
+/// itself: the shard knows the execution before the worker can answer.
 pub(crate) struct Claim {
-    /// The worker's shard-local key.
+    /// The worker's shard-local key and generation.
     pub key: u32,
-    pub region: Arc<crate::ipc::shm::WorkerRegion>,
+    pub gen: u32,
+    /// Shared-memory transport: the worker's region, holding the request.
+    pub region: Option<Arc<crate::ipc::shm::WorkerRegion>>,
     /// Length of the request placed in the region.
     pub len: usize,
+    /// Socket transport: the length-delimited request the caller writes (the shard
+    /// keeps it to write the rest if the caller's write falls short, or to run the
+    /// request on another worker if this one was gone before it was written).
+    pub frame: Option<Arc<Vec<u8>>>,
     /// When the caller claimed the worker.
     pub at: Instant,
+    /// The caller writes the request (or rings the doorbell) itself; otherwise (a
+    /// shared-memory claim with `Config::hand_over` off) the shard rings it.
+    pub handed: bool,
 }
 
 /// Engine-wide limits a shard needs.
@@ -110,6 +126,9 @@ pub(crate) struct ShardShared {
     pub runner_dead: AtomicBool,
     /// The shard is blocked (or about to block) in io_uring_enter.
     sleeping: AtomicBool,
+    /// While sleeping: when the shard wakes by itself (ns after `clock_base`).
+    wakes_at: AtomicU64,
+    clock_base: Instant,
     pub events: std::sync::mpsc::Sender<SupervisorEvent>,
 }
 
@@ -127,6 +146,31 @@ impl ShardShared {
         }
         // Wake the shard only if it is (about to be) asleep: a busy shard drains the
         // queue before it waits again (see `prepare_to_sleep`).
+        self.wake();
+    }
+
+    /// Queues a command the shard need not act on before `by`: it is woken only if
+    /// it sleeps past that (a handed-over execution: the worker's answer wakes it,
+    /// and `by` is the execution's deadline).
+    pub(crate) fn push_lazy(&self, cmd: Cmd, by: Instant) {
+        match self.queue.lock() {
+            Ok(mut q) => q.push(cmd),
+            Err(poisoned) => poisoned.into_inner().push(cmd),
+        }
+        if !self.sleeping.load(Ordering::SeqCst) {
+            // Awake: it drains the queue before it sleeps again.
+            return;
+        }
+        if self.nanos(by) < self.wakes_at.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.clock_base).as_nanos().min(u128::from(u64::MAX - 1)) as u64
+    }
+
+    fn wake(&self) {
         if self.sleeping.swap(false, Ordering::SeqCst) {
             let one: u64 = 1;
             // SAFETY: writing 8 bytes from a live u64 to our eventfd.
@@ -134,9 +178,11 @@ impl ShardShared {
         }
     }
 
-    /// Called by the shard right before it blocks: returns false (and stays awake)
-    /// if commands arrived meanwhile.
-    pub(crate) fn prepare_to_sleep(&self) -> bool {
+    /// Called by the shard right before it blocks until `wakes_at` at the latest
+    /// (`None`: only a completion or a command wakes it): returns false (and stays
+    /// awake) if commands arrived meanwhile.
+    pub(crate) fn prepare_to_sleep(&self, wakes_at: Option<Instant>) -> bool {
+        self.wakes_at.store(wakes_at.map_or(u64::MAX, |at| self.nanos(at)), Ordering::SeqCst);
         self.sleeping.store(true, Ordering::SeqCst);
         let empty = match self.queue.lock() {
             Ok(q) => q.is_empty(),
@@ -189,6 +235,8 @@ impl ShardHandle {
             eventfd,
             runner_dead: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
+            wakes_at: AtomicU64::new(u64::MAX),
+            clock_base: Instant::now(),
             events,
         });
         let thread_shared = shared.clone();

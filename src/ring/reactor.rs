@@ -15,7 +15,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use prost::Message;
 
 use super::ctl::CtlOut;
-use super::{Cmd, ExecRequest, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
+use super::{Cmd, ExecRequest, Offer, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
 use crate::ipc::frame::{self, Header};
@@ -48,8 +48,10 @@ const MAX_CALLS_IN_FLIGHT: u32 = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Completions a batched wait asks for before its min_wait has passed.
 const BATCH_WANT: usize = 64;
-/// Longest sleep of a batched wait with no timer due (then it simply loops).
-const IDLE_WAKE: Duration = Duration::from_secs(10);
+/// Longest sleep with no timer due (then the loop simply goes round). A caller that
+/// hands an execution over without waking the shard (`ShardShared::push_lazy`)
+/// wakes it only if its deadline comes before this.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 fn ud(kind: u64, key: u32, gen: u32) -> u64 {
     (kind << 56) | ((u64::from(gen) & 0xff_ffff) << 32) | u64::from(key)
@@ -71,7 +73,9 @@ struct WorkerConn {
     worker_id: u64,
     token: u64,
     gen: u32,
-    fd: Option<OwnedFd>,
+    /// The host end of the channel; a caller that claimed the worker holds a clone
+    /// while it writes the request.
+    fd: Option<Arc<OwnedFd>>,
     state: WState,
     buf: Vec<u8>,
     filled: usize,
@@ -124,6 +128,11 @@ struct ExecState {
     /// Shared-memory transport: the caller already wrote the request (this many
     /// bytes) into the region of the worker it claimed, at this time.
     placed: Option<(usize, Instant)>,
+    /// The caller claimed the worker at this time and writes the request (or rings
+    /// the doorbell) itself: the shard posts no send unless told the write fell
+    /// short (`Cmd::HandOverShort`), when it finishes it from `handed_frame`.
+    handed: Option<Instant>,
+    handed_frame: Option<Arc<Vec<u8>>>,
 }
 
 /// A complete response on its way to the caller.
@@ -174,6 +183,8 @@ pub(super) struct Reactor {
     execs: HashMap<u64, ExecState>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     pending_sqes: Vec<squeue::Entry>,
+    /// Commands being handled (reused buffer).
+    cmd_buf: Vec<Cmd>,
     /// SQEs submitted whose completion has not been reaped yet.
     in_kernel: usize,
     shutting_down: bool,
@@ -220,6 +231,7 @@ impl Reactor {
             execs: HashMap::new(),
             timers: BinaryHeap::new(),
             pending_sqes: Vec::new(),
+            cmd_buf: Vec::new(),
             in_kernel: 0,
             shutting_down: false,
         }
@@ -257,12 +269,8 @@ impl Reactor {
     pub(super) fn run(mut self) {
         self.post_eventfd_read();
         self.post_ctl_recv();
-        let mut cmds = Vec::new();
         loop {
-            self.shared.drain(&mut cmds);
-            for cmd in cmds.drain(..) {
-                self.handle_cmd(cmd);
-            }
+            self.drain_commands();
             if self.shutting_down {
                 break;
             }
@@ -288,7 +296,7 @@ impl Reactor {
                     std::hint::spin_loop();
                 }
             }
-            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep() {
+            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(Some(self.wake_time())) {
                 // Work is already here: submit without waiting.
                 if let Err(e) = self.ring.submit() {
                     tracing::error!(error = %e, "io_uring submit failed");
@@ -328,24 +336,36 @@ impl Reactor {
     /// in a VM, and under load one wake-up per batch instead of one per completion is
     /// most of the engine threads' CPU. One execution at a time never waits for it.
     fn wait(&mut self) -> std::io::Result<usize> {
-        let timeout = self.timers.peek().map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+        // Never past `wake_time`: that is what `prepare_to_sleep` promised callers.
+        let t = self.wake_time().saturating_duration_since(Instant::now());
+        let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
         if self.batching && self.execs.len() >= self.config.batch_min_in_flight {
-            // A general timeout is always given: without one the kernel returns at
-            // the end of min_wait even with nothing completed.
-            let t = timeout.unwrap_or(IDLE_WAKE);
-            let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
             let us = self.config.batch_wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
             return self.ring.submitter().submit_with_args(BATCH_WANT, &args);
         }
-        match timeout {
-            Some(t) => {
-                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            None => self.ring.submit_and_wait(1),
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.ring.submitter().submit_with_args(1, &args)
+    }
+
+    /// When the shard wakes by itself if nothing happens: the next timer, and at
+    /// the latest `IDLE_WAKE` from now.
+    fn wake_time(&self) -> Instant {
+        let idle = Instant::now() + IDLE_WAKE;
+        self.timers.peek().map_or(idle, |Reverse((at, _))| (*at).min(idle))
+    }
+
+    /// Handles every queued command. Also called before the shard acts on anything
+    /// an idle worker did: a caller queues a handed-over execution before it writes
+    /// the request, so after this the shard knows every execution whose request may
+    /// have reached the worker.
+    fn drain_commands(&mut self) {
+        let mut cmds = std::mem::take(&mut self.cmd_buf);
+        self.shared.drain(&mut cmds);
+        for cmd in cmds.drain(..) {
+            self.handle_cmd(cmd);
         }
+        self.cmd_buf = cmds;
     }
 
     fn has_busy_workers(&self) -> bool {
@@ -389,6 +409,7 @@ impl Reactor {
             Cmd::Cancel(id) => self.cancel(id),
             Cmd::Delete(token) => self.delete(token),
             Cmd::HostReply { exec, worker_id, call_id, result } => self.on_host_reply(exec, worker_id, call_id, result),
+            Cmd::HandOverShort { exec, key, gen, written, error } => self.on_hand_over_short(exec, key, gen, written, error),
             Cmd::RunnerDown { epoch } => {
                 if epoch == self.epoch {
                     self.runner_gone("the sandbox died");
@@ -461,20 +482,35 @@ impl Reactor {
         }
         let mut placed = None;
         let mut claimed_key = None;
+        let mut handed = None;
+        let mut handed_frame = None;
         if let Some(claim) = claim {
-            let still_ready = self.worker(claim.key).is_some_and(|w| {
-                w.state == WState::Idle && w.exec.is_none() && w.shm.as_ref().is_some_and(|(r, _)| Arc::ptr_eq(r, &claim.region))
-            });
+            let still_ready =
+                self.worker(claim.key).is_some_and(|w| w.gen == claim.gen && w.state == WState::Idle && w.exec.is_none());
             if still_ready {
-                placed = Some((claim.len, claim.at));
                 claimed_key = Some(claim.key);
+                placed = claim.region.as_ref().map(|_| (claim.len, claim.at));
+                handed = claim.handed.then_some(claim.at);
+                handed_frame = claim.frame;
+            } else if claim.handed {
+                // The worker was lost after the caller claimed it. The caller may have
+                // written the request already, and the worker may have read it: never
+                // run it a second time.
+                sink.complete(Err(Error::Unavailable(
+                    "the worker this request was handed to was lost before it answered (it crashed, was killed, or the sandbox died)".into(),
+                )));
+                return;
             } else {
-                // The claimed worker was lost before its request arrived here: take the
-                // request back out of its region and wait for another worker. (A worker
-                // still dying could scribble on it first; it is a worker of the same
-                // code token, which could do no worse to the request it was meant to
-                // get.)
-                match claim.region.region().copy_request(claim.len) {
+                // A shared-memory claim the shard was to ring the doorbell for: the
+                // worker never got the request. Take it back out of the region (a
+                // worker still dying could scribble on it first; it is a worker of the
+                // same code token, which could do no worse to the request it was meant
+                // to get) and wait for another worker.
+                let recovered = match &claim.region {
+                    Some(region) => region.region().copy_request(claim.len),
+                    None => Err(std::io::Error::other("no shared-memory region")),
+                };
+                match recovered {
                     Ok(body) => {
                         frame = Vec::with_capacity(body.len() + 10);
                         prost::encoding::encode_varint(body.len() as u64, &mut frame);
@@ -507,6 +543,8 @@ impl Reactor {
                 metadata,
                 response: None,
                 placed,
+                handed,
+                handed_frame,
             },
         );
         if let Some(key) = claimed_key {
@@ -530,14 +568,14 @@ impl Reactor {
     }
 
     /// Takes a ready worker of `token` for the shard's own use: the longest-ready one
-    /// no caller has claimed (a claimed one's request is on its way here).
+    /// no caller has claimed (a claimed one's execution is on its way here).
     fn take_idle(&mut self, token: u64) -> Option<u32> {
         let index = self.config.index;
         let t = self.tokens.get_mut(&token)?;
         while let Some(key) = t.idle.pop_front() {
-            let region = self.workers.get(key as usize).and_then(|w| w.as_ref()).and_then(|w| w.shm.as_ref());
-            match region {
-                Some((r, _)) if !t.entry.per_shard[index].shm_ready.withdraw(r) => continue,
+            let gen = self.workers.get(key as usize).and_then(|w| w.as_ref()).map(|w| w.gen);
+            match gen {
+                Some(gen) if !t.entry.per_shard[index].ready.withdraw(key, gen) => continue,
                 _ => return Some(key),
             }
         }
@@ -572,7 +610,7 @@ impl Reactor {
             self.ctl_out.push(host_to_runner::Msg::Unload(Unload { code_id: token }), Vec::new());
         }
         state.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
-        state.entry.per_shard[self.config.index].shm_ready.clear();
+        state.entry.per_shard[self.config.index].ready.clear();
     }
 
     // ----- workers --------------------------------------------------------------
@@ -630,7 +668,7 @@ impl Reactor {
             worker_id,
             token,
             gen,
-            fd: Some(host_end),
+            fd: Some(Arc::new(host_end)),
             state: WState::Spawning,
             buf: vec![0u8; RECV_CHUNK],
             filled: 0,
@@ -707,11 +745,25 @@ impl Reactor {
             entry.per_shard[self.config.index].idle.store(idle_left, Ordering::Relaxed);
         }
         let Some(exec) = self.execs.get_mut(&exec_id) else { return };
-        exec.dispatched = Some(exec.placed.map_or(now, |(_, at)| at));
+        let claimed_at = exec.handed.or(exec.placed.map(|(_, at)| at));
+        exec.dispatched = Some(claimed_at.unwrap_or(now));
         exec.worker = Some(key);
         exec.idle_left = idle_left;
-        let deadline = now + exec.timeout;
+        // A handed-over execution's clock started when the caller claimed the worker
+        // (the shard may learn of it later).
+        let deadline = exec.dispatched.unwrap_or(now) + exec.timeout;
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
+        if let Some(at) = exec.handed {
+            // The caller writes the request (or rings the doorbell) itself.
+            exec.sent = Some(at);
+            exec.written = exec.handed_frame.as_ref().map_or(0, |f| f.len());
+            if let Some((len, _)) = exec.placed {
+                if let Some((_, req_len)) = self.worker(key).and_then(|w| w.shm.as_mut()) {
+                    *req_len = len;
+                }
+            }
+            return;
+        }
         let placed = match self.workers.get_mut(key as usize).and_then(|w| w.as_mut()).and_then(|w| w.shm.as_mut()) {
             None => None,
             Some((region, req_len)) => match exec.placed {
@@ -753,6 +805,34 @@ impl Reactor {
         self.push_sqe(sqe);
     }
 
+    /// The caller that was handed `exec_id` on worker (`key`, `gen`) wrote only
+    /// `written` bytes: finish the write here, or (the write failed) fail the
+    /// execution through the worker's exit report.
+    fn on_hand_over_short(&mut self, exec_id: u64, key: u32, gen: u32, written: usize, error: Option<i32>) {
+        let on_worker = self.worker(key).is_some_and(|w| w.gen == gen && w.state == WState::Busy && w.exec == Some(exec_id));
+        if !on_worker {
+            return;
+        }
+        if let Some(errno) = error {
+            if let Some(w) = self.worker(key) {
+                w.failure = Some(format!("request write failed: {}", std::io::Error::from_raw_os_error(errno)));
+            }
+            self.kill_worker(key);
+            return;
+        }
+        let shm = self.worker(key).is_some_and(|w| w.shm.is_some());
+        let Some(exec) = self.execs.get_mut(&exec_id) else { return };
+        exec.sent = None;
+        if shm {
+            self.post_doorbell(key);
+            return;
+        }
+        let frame = exec.handed_frame.take().map(|f| Arc::try_unwrap(f).unwrap_or_else(|f| f.as_ref().clone()));
+        exec.frame = frame.unwrap_or_default();
+        exec.written = written.min(exec.frame.len());
+        self.post_worker_send(key, exec_id);
+    }
+
     fn kill_worker(&mut self, key: u32) {
         let Some(w) = self.worker(key) else { return };
         let worker_id = w.worker_id;
@@ -790,7 +870,7 @@ impl Reactor {
         if w.state == WState::Finished && w.inflight == 0 && w.exited.is_some() {
             let worker_id = w.worker_id;
             if let Some(fd) = w.fd.take() {
-                self.close_async(fd);
+                self.close_shared(fd);
             }
             self.workers[key as usize] = None;
             self.by_worker_id.remove(&worker_id);
@@ -799,8 +879,16 @@ impl Reactor {
             // Close the socket now (batched into the next submit); keep the record for
             // the exit report.
             if let Some(fd) = w.fd.take() {
-                self.close_async(fd);
+                self.close_shared(fd);
             }
+        }
+    }
+
+    /// Closes a worker's channel through the ring, unless a caller still holds it
+    /// (then the caller's drop closes it).
+    fn close_shared(&mut self, fd: Arc<OwnedFd>) {
+        if let Ok(fd) = Arc::try_unwrap(fd) {
+            self.close_async(fd);
         }
     }
 
@@ -814,15 +902,13 @@ impl Reactor {
     fn remove_idle(&mut self, key: u32) {
         let Some(w) = self.worker(key) else { return };
         let token = w.token;
-        let region = w.shm.as_ref().map(|(r, _)| r.clone());
+        let gen = w.gen;
         if let Some(t) = self.tokens.get_mut(&token) {
             t.idle.retain(|k| *k != key);
             t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
-            if let Some(r) = region {
-                // Whether or not a caller claimed it meanwhile: its request (if any)
-                // is taken back out when it arrives.
-                t.entry.per_shard[self.config.index].shm_ready.withdraw(&r);
-            }
+            // Whether or not a caller claimed it meanwhile: its execution, when it
+            // arrives, finds the worker gone (see `execute`).
+            t.entry.per_shard[self.config.index].ready.withdraw(key, gen);
         }
     }
 
@@ -869,6 +955,10 @@ impl Reactor {
                 let valid = matches!(self.worker(key), Some(w) if w.gen == gen);
                 if !valid {
                     return;
+                }
+                if self.worker(key).is_some_and(|w| w.state == WState::Idle) {
+                    // A caller may have handed this worker a request: know it first.
+                    self.drain_commands();
                 }
                 if let Some(w) = self.worker(key) {
                     w.inflight -= 1;
@@ -941,6 +1031,11 @@ impl Reactor {
     fn on_runner_msg(&mut self, msg: runner_to_host::Msg) {
         match msg {
             runner_to_host::Msg::Exited(e) => {
+                let key = self.by_worker_id.get(&e.worker_id).copied();
+                if key.and_then(|k| self.worker(k)).is_some_and(|w| w.state == WState::Idle) {
+                    // A caller may have handed this worker a request: know it first.
+                    self.drain_commands();
+                }
                 if let Some(&key) = self.by_worker_id.get(&e.worker_id) {
                     if let Some((region, _)) = self.worker(key).and_then(|w| w.shm.as_ref()) {
                         // Reaped, and its PID namespace with it: its region may be
@@ -1055,7 +1150,7 @@ impl Reactor {
                 w.state = WState::Idle;
                 w.filled = 0;
                 let token = w.token;
-                let shm = w.shm.as_ref().map(|(r, _)| r.clone());
+                let offer = w.fd.clone().map(|fd| Offer { key, gen: w.gen, fd, region: w.shm.as_ref().map(|(r, _)| r.clone()) });
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.failures = 0;
                     t.respawn_at = None;
@@ -1066,8 +1161,8 @@ impl Reactor {
                     }
                     t.idle.push_back(key);
                     t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
-                    if let Some(region) = shm {
-                        t.entry.per_shard[self.config.index].shm_ready.publish(key, region);
+                    if let Some(offer) = offer {
+                        t.entry.per_shard[self.config.index].ready.publish(offer);
                     }
                 }
                 self.post_worker_recv(key, RECV_CHUNK);
@@ -1394,6 +1489,7 @@ impl Reactor {
             send: sent.saturating_duration_since(dispatched),
             response: done.saturating_duration_since(sent),
             idle_workers_left: e.idle_left,
+            handed_over: e.handed.is_some(),
         }
     }
 
@@ -1506,7 +1602,7 @@ impl Reactor {
             t.live = 0;
             t.idle.clear();
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
-            t.entry.per_shard[self.config.index].shm_ready.clear();
+            t.entry.per_shard[self.config.index].ready.clear();
         }
         let _ = self.shared.events.send(SupervisorEvent::RunnerDied { epoch: self.epoch });
     }
@@ -1520,7 +1616,7 @@ impl Reactor {
             t.queue.clear();
             t.idle.clear();
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
-            t.entry.per_shard[self.config.index].shm_ready.clear();
+            t.entry.per_shard[self.config.index].ready.clear();
         }
     }
 }

@@ -3,6 +3,9 @@
  * Starts one host call per listed function (all in flight at once, call ids 1..n),
  * then collects the replies in whatever order they come and answers with one result
  * per call, in request order: "ok:<response bytes>" or "error:<error text>".
+ * With the payload "abort" it calls abort() after the replies instead of
+ * answering (under the `untrusted` filter tgkill is refused and glibc ends it
+ * with SIGSEGV): a crash after observable work, for the exactly-once tests.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,6 +64,8 @@ int main(int argc, char **argv) {
     results[reply.call_id - 1] = text;
     roma_udf_reply_free(&reply);
   }
+
+  if (payload_len == 5 && memcmp(payload, "abort", 5) == 0) abort();
 
   roma_pb_buf response;
   roma_pb_buf_init(&response);
