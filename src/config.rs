@@ -136,9 +136,10 @@ pub struct Config {
     pub hand_over: bool,
     /// `Execution::wait` polls for the answer this long before it parks the
     /// calling thread, when the execution's worker runs on another core than the
-    /// caller (requests prefer such a shard). A parked thread on an idle vCPU
-    /// costs tens of µs to wake in a VM; polling on the worker's own core would
-    /// keep the worker off it. Zero: park at once.
+    /// caller (requests prefer the shard on the caller's own core, so this is for
+    /// the rest). A parked thread on an idle vCPU costs tens of µs to wake in a VM;
+    /// polling on the worker's own core would keep the worker off it. Zero: park
+    /// at once.
     pub wait_spin: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
