@@ -129,11 +129,16 @@ pub struct Config {
     pub pin_workers: bool,
     /// The calling thread hands a request to a ready worker itself: it claims the
     /// worker, queues the execution on its engine thread without waking it, and
-    /// writes the request (up to 64 KiB; on the shared-memory transport it places
+    /// writes the request (up to `hand_over_max_bytes`; on the shared-memory transport it places
     /// it in the region and rings the doorbell) with one non-blocking `send`. The
     /// engine thread then wakes once per execution, for the answer, instead of
     /// also for the request. Off: every request goes through the engine thread.
     pub hand_over: bool,
+    /// Largest request frame (socket transport) the calling thread hands over;
+    /// larger ones go through the engine thread. Up to a fresh socket's send buffer
+    /// (~200 KiB) one `send` takes it all; beyond, the engine thread writes the
+    /// rest (the caller never blocks).
+    pub hand_over_max_bytes: usize,
     /// `Execution::wait` polls for the answer this long before it parks the
     /// calling thread, when the execution's worker runs on another core than the
     /// caller (requests prefer the shard on the caller's own core, so this is for
@@ -173,6 +178,7 @@ impl Default for Config {
             batch_min_in_flight: 8,
             pin_workers: true,
             hand_over: true,
+            hand_over_max_bytes: 64 << 10,
             wait_spin: Duration::from_micros(100),
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into()],

@@ -478,7 +478,7 @@ impl Engine {
             }
         } else {
             let frame = Arc::new(frame.take().map(|f| f()).unwrap_or_default());
-            if hand_over && frame.len() <= HAND_OVER_MAX {
+            if hand_over && frame.len() <= self.config.hand_over_max_bytes {
                 if let Some((shard, offer)) = claim_one() {
                     let (key, gen, at) = (offer.key, offer.gen, Instant::now());
                     let claim = Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true };
@@ -550,10 +550,6 @@ fn current_cpu() -> usize {
     let cpu = unsafe { libc::sched_getcpu() };
     usize::try_from(cpu).unwrap_or(usize::MAX)
 }
-
-/// Largest request frame a caller writes to a worker itself: it fits a fresh Unix
-/// socket's send buffer, so one non-blocking `send` takes it all.
-const HAND_OVER_MAX: usize = 64 << 10;
 
 /// One non-blocking `send` of `bytes` (retried on EINTR): how many were written,
 /// and the errno if it failed (EAGAIN is no failure: the shard writes the rest).
