@@ -187,6 +187,8 @@ pub(super) struct Reactor {
     cmd_buf: Vec<Cmd>,
     /// A waiting caller was handed its result since the last loop round.
     woke_waiter: bool,
+    /// Code tokens with a slot to refill.
+    refills: Vec<u64>,
     /// SQEs submitted whose completion has not been reaped yet.
     in_kernel: usize,
     shutting_down: bool,
@@ -235,6 +237,7 @@ impl Reactor {
             pending_sqes: Vec::new(),
             cmd_buf: Vec::new(),
             woke_waiter: false,
+            refills: Vec::new(),
             in_kernel: 0,
             shutting_down: false,
         }
@@ -276,6 +279,9 @@ impl Reactor {
             self.drain_commands();
             if self.shutting_down {
                 break;
+            }
+            for token in std::mem::take(&mut self.refills) {
+                self.fill_slots(token);
             }
             if self.ctl_inflight == 0 {
                 if let Some((epoch, ctl)) = self.pending_reconnect.take() {
@@ -878,7 +884,11 @@ impl Reactor {
             if let Some(t) = self.tokens.get_mut(&token) {
                 t.live = t.live.saturating_sub(1);
             }
-            self.fill_slots(token);
+            // Refilled at the top of the next loop round, after a caller this round
+            // completed has had the core (see `yield_to_woken_waiter`).
+            if !self.refills.contains(&token) {
+                self.refills.push(token);
+            }
         }
         self.maybe_free(key);
     }
