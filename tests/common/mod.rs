@@ -88,3 +88,25 @@ pub fn try_cpus_allowed(status_path: &str) -> Option<String> {
             .unwrap_or_default(),
     )
 }
+
+/// The runner's threads as read from /proc: name, `read(status path)` of the thread,
+/// and of each of its live children (a child reaped meanwhile is skipped). Polls
+/// until the threads list at least `workers` children (at most 10 s).
+pub fn runner_threads<T: Ord>(pid: u32, workers: usize, read: impl Fn(&str) -> Option<T>) -> Vec<(String, Option<T>, Vec<T>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut out: Vec<(String, Option<T>, Vec<T>)> = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            let listed: Vec<T> = children.split_whitespace().filter_map(|c| read(&format!("/proc/{c}/status"))).collect();
+            out.push((comm, read(&format!("{}/status", task.path().display())), listed));
+        }
+        out.sort();
+        let found: usize = out.iter().map(|(_, _, w)| w.len()).sum();
+        if found >= workers || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
