@@ -447,7 +447,7 @@ impl Engine {
         let order = move || rotation().filter(move |&i| cores[i] == cpu).chain(rotation().filter(move |&i| cores[i] != cpu));
         let claim_one = || order().find_map(|i| entry.per_shard[i].ready.claim().map(|o| (i, o)));
         let hand_over = self.config.hand_over;
-        let mut claimed: Option<(usize, Offer, Claim, Vec<u8>)> = None;
+        let mut claimed: Option<(usize, Offer, Claim)> = None;
         let mut frame_built: Option<Arc<Vec<u8>>> = None;
         let mut frame = Some(frame);
         if let Some(size) = entry.shm {
@@ -467,7 +467,7 @@ impl Engine {
                         region.note_used(crate::ipc::shm::HEADER + len);
                         let (key, gen) = (offer.key, offer.gen);
                         let claim = Claim { key, gen, region: Some(region), len, frame: None, at, handed: hand_over };
-                        claimed = Some((shard, offer, claim, vec![0]));
+                        claimed = Some((shard, offer, claim));
                     }
                     Err(why) => {
                         // The worker is still ready: offer it again.
@@ -482,14 +482,14 @@ impl Engine {
                 if let Some((shard, offer)) = claim_one() {
                     let (key, gen, at) = (offer.key, offer.gen, Instant::now());
                     let claim = Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true };
-                    claimed = Some((shard, offer, claim, Vec::new()));
+                    claimed = Some((shard, offer, claim));
                 }
             }
             frame_built = Some(frame);
         }
         let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         let metadata = Arc::new(options.metadata);
-        if let Some((shard, offer, claim, doorbell)) = claimed {
+        if let Some((shard, offer, claim)) = claimed {
             let handed = claim.handed;
             let (key, gen, at) = (claim.key, claim.gen, claim.at);
             let req = ExecRequest {
@@ -511,10 +511,11 @@ impl Engine {
             // Queued before the first byte can reach the worker, so the shard knows
             // the execution before it can see the answer; woken only if its own
             // timer would come after the execution's deadline.
-            shared.push_lazy(Cmd::Execute(req), at + options.timeout);
+            shared.push_lazy(Cmd::Execute(req), ring::deadline_after(at, options.timeout));
+            static DOORBELL: [u8; 1] = [0];
             let bytes: &[u8] = match &frame_built {
                 Some(frame) => frame,
-                None => &doorbell,
+                None => &DOORBELL,
             };
             let (written, error) = send_nonblocking(&offer.fd, bytes);
             drop(offer);

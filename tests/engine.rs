@@ -202,6 +202,22 @@ fn worker_wait_timeout() {
     }
 }
 
+/// `Duration::MAX` means "no limit" for both timeouts: accepted on both request
+/// paths (handed over to a ready worker, and queued for one), never a panic.
+#[test]
+fn unbounded_timeouts_are_accepted() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "hello_world", 1);
+        let o = ExecuteOptions { worker_wait_timeout: Duration::MAX, timeout: Duration::MAX, ..opts() };
+        // Two at once: the second waits for the slot's next worker.
+        let first = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o.clone()).unwrap();
+        let second = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap();
+        assert_eq!(first.wait().unwrap().response.greeting, "Hello, world!", "{mode:?}");
+        assert_eq!(second.wait().unwrap().response.greeting, "Hello, world!", "{mode:?}");
+    }
+}
+
 #[test]
 fn bad_input_fails_at_the_call() {
     for mode in modes() {

@@ -324,6 +324,13 @@ fn build_ring(config: &ShardConfig) -> Result<(io_uring::IoUring, bool)> {
 
 const RING_ENTRIES: u32 = 1024;
 
+/// `from + after`, or a century from `from` when that overflows (an "unbounded"
+/// timeout such as `Duration::MAX`).
+pub(crate) fn deadline_after(from: Instant, after: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    from.checked_add(after.min(CENTURY)).unwrap_or(from)
+}
+
 pub(crate) fn pin_to_core(core: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity
     // reads it for the calling thread.

@@ -549,7 +549,7 @@ impl Reactor {
                 }
             }
         }
-        let deadline = submitted + worker_wait_timeout;
+        let deadline = super::deadline_after(submitted, worker_wait_timeout);
         self.execs.insert(
             id,
             ExecState {
@@ -775,7 +775,7 @@ impl Reactor {
         exec.idle_left = idle_left;
         // A handed-over execution's clock started when the caller claimed the worker
         // (the shard may learn of it later).
-        let deadline = exec.dispatched.unwrap_or(now) + exec.timeout;
+        let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
         if let Some(at) = exec.handed {
             // The caller writes the request (or rings the doorbell) itself.
