@@ -280,15 +280,16 @@ impl Reactor {
             if self.shutting_down {
                 break;
             }
-            for token in std::mem::take(&mut self.refills) {
-                self.fill_slots(token);
-            }
             if self.ctl_inflight == 0 {
                 if let Some((epoch, ctl)) = self.pending_reconnect.take() {
                     self.reconnect(epoch, ctl);
                 }
             }
             self.fire_timers();
+            // After the timers, which may free slots too, and before any sleep.
+            for token in std::mem::take(&mut self.refills) {
+                self.fill_slots(token);
+            }
             self.flush_sqes();
             if self.config.busy_poll > Duration::ZERO && self.has_busy_workers() {
                 // A response is due soon: poll instead of sleeping (a sleep and wake-up
