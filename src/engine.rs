@@ -518,8 +518,12 @@ impl Engine {
                 None => &DOORBELL,
             };
             let (written, error) = send_nonblocking(&offer.fd, bytes);
+            let short = written < bytes.len();
+            // Our references go first, so that the shard can take the frame back
+            // without a copy to finish the write.
             drop(offer);
-            if written < bytes.len() {
+            drop(frame_built);
+            if short {
                 shared.push(Cmd::HandOverShort { exec: id, key, gen, written, error });
             }
             return Ok(ExecutionToken { shard: shard as u32, id });
