@@ -92,8 +92,7 @@ pub(crate) struct Claim {
     /// Length of the request placed in the region.
     pub len: usize,
     /// Socket transport: the length-delimited request the caller writes (the shard
-    /// keeps it to write the rest if the caller's write falls short, or to run the
-    /// request on another worker if this one was gone before it was written).
+    /// keeps it to write the rest if the caller's write falls short).
     pub frame: Option<Arc<Vec<u8>>>,
     /// When the caller claimed the worker.
     pub at: Instant,
@@ -178,11 +177,10 @@ impl ShardShared {
         }
     }
 
-    /// Called by the shard right before it blocks until `wakes_at` at the latest
-    /// (`None`: only a completion or a command wakes it): returns false (and stays
-    /// awake) if commands arrived meanwhile.
-    pub(crate) fn prepare_to_sleep(&self, wakes_at: Option<Instant>) -> bool {
-        self.wakes_at.store(wakes_at.map_or(u64::MAX, |at| self.nanos(at)), Ordering::SeqCst);
+    /// Called by the shard right before it blocks until `wakes_at` at the latest:
+    /// returns false (and stays awake) if commands arrived meanwhile.
+    pub(crate) fn prepare_to_sleep(&self, wakes_at: Instant) -> bool {
+        self.wakes_at.store(self.nanos(wakes_at), Ordering::SeqCst);
         self.sleeping.store(true, Ordering::SeqCst);
         let empty = match self.queue.lock() {
             Ok(q) => q.is_empty(),

@@ -306,7 +306,7 @@ impl Reactor {
                     std::hint::spin_loop();
                 }
             }
-            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(Some(self.wake_time())) {
+            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(self.wake_time()) {
                 // Work is already here: submit without waiting.
                 if let Err(e) = self.ring.submit() {
                     tracing::error!(error = %e, "io_uring submit failed");
