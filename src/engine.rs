@@ -254,7 +254,9 @@ impl Engine {
     }
 
     /// Callback form of [`Engine::execute`]: `callback` runs exactly once, on an
-    /// engine thread, with the result. Keep it short and non-blocking.
+    /// engine thread, with the result. Keep it short and non-blocking. (If the
+    /// engine thread of the execution's shard has failed, a bug, it runs on the
+    /// calling thread with an `Internal` error, before this returns.)
     pub fn execute_with_callback<Req, Resp, F>(
         &self,
         token: &CodeToken,
@@ -298,6 +300,17 @@ impl Engine {
     /// error reply.
     pub fn unregister_host_function(&self, name: &str) -> Result<()> {
         self.host_api.unregister(name)
+    }
+
+    /// Makes the engine thread of `shard` (an index into `Config::cores`) panic, as a
+    /// bug would: for tests of what the engine does then. Built only with the
+    /// `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_engine_panic(&self, shard: usize) {
+        if let Some(s) = self.shards.get(shard) {
+            s.shared.push(Cmd::InjectPanic);
+        }
     }
 
     /// Cancels an execution: its worker is killed and it completes with `Cancelled`.
@@ -374,15 +387,18 @@ impl Engine {
     fn register(&self, binary: Arc<OwnedFd>, options: &LoadOptions) -> CodeToken {
         let workers = options.workers;
         let id = self.next_code.fetch_add(1, Ordering::Relaxed);
+        // Slots go round-robin over the shards, skipping any whose thread failed (a
+        // bug): the token keeps its worker count as long as one shard runs.
         let n = self.shards.len();
-        let start = (id as usize) % n;
-        let per_shard: Vec<ShardSlots> = (0..n)
-            .map(|i| {
-                let pos = (i + n - start) % n;
-                let slots = workers / n + usize::from(pos < workers % n);
-                ShardSlots { slots, idle: AtomicUsize::new(0), ready: Default::default() }
-            })
-            .collect();
+        let live: Vec<usize> = (0..n).filter(|&i| !self.shards[i].shared.has_failed()).collect();
+        let live = if live.is_empty() { (0..n).collect() } else { live };
+        let start = (id as usize) % live.len();
+        let mut slots = vec![0usize; n];
+        for k in 0..workers {
+            slots[live[(start + k) % live.len()]] += 1;
+        }
+        let per_shard: Vec<ShardSlots> =
+            slots.into_iter().map(|slots| ShardSlots { slots, idle: AtomicUsize::new(0), ready: Default::default() }).collect();
         let entry = Arc::new(TokenEntry {
             id,
             binary,
@@ -443,7 +459,9 @@ impl Engine {
         // and polling there, BENCHMARKS.md).
         let cpu = current_cpu();
         let cores = &self.shard_cores;
-        let rotation = move || (0..n).map(move |k| (start + k) % n);
+        let shards = &self.shards;
+        // A shard whose thread failed (a bug; see `ShardShared::close`) gets no work.
+        let rotation = move || (0..n).map(move |k| (start + k) % n).filter(move |&i| !shards[i].shared.has_failed());
         let order = move || rotation().filter(move |&i| cores[i] == cpu).chain(rotation().filter(move |&i| cores[i] != cpu));
         let claim_one = || order().find_map(|i| entry.per_shard[i].ready.claim().map(|o| (i, o)));
         let hand_over = self.config.hand_over;
@@ -533,7 +551,11 @@ impl Engine {
             None => frame.take().map(|f| f()).unwrap_or_default(),
         };
         let ready = order().find(|&i| entry.per_shard[i].idle.load(Ordering::Relaxed) > 0);
-        let shard = ready.unwrap_or_else(|| order().find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0));
+        // With every shard of the token failed, the execution goes to one of them,
+        // which completes it with `Internal` at once.
+        let shard = ready.or_else(|| order().find(|&i| entry.per_shard[i].slots > 0)).unwrap_or_else(|| {
+            (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
+        });
         self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
             id,
             token: token.0,

@@ -57,6 +57,9 @@ pub(crate) enum Cmd {
     /// The sandbox cannot be restarted: fail everything from now on.
     RunnerFatal(String),
     Shutdown,
+    /// Tests only: the engine thread panics (see `Engine::inject_engine_panic`).
+    #[cfg(feature = "fault-injection")]
+    InjectPanic,
 }
 
 /// What shards tell the engine's supervisor.
@@ -119,16 +122,28 @@ pub(crate) struct ShardConfig {
 }
 
 pub(crate) struct ShardShared {
-    queue: Mutex<Vec<Cmd>>,
+    queue: Mutex<CmdQueue>,
     eventfd: OwnedFd,
     /// Set by the shard when the sandbox cannot be restarted (or at shutdown).
     pub runner_dead: AtomicBool,
+    /// Set when the shard's thread panicked (a bug): it takes no more work (see
+    /// [`ShardShared::close`]).
+    failed: AtomicBool,
     /// The shard is blocked (or about to block) in io_uring_enter.
     sleeping: AtomicBool,
     /// While sleeping: when the shard wakes by itself (ns after `clock_base`).
     wakes_at: AtomicU64,
     clock_base: Instant,
     pub events: std::sync::mpsc::Sender<SupervisorEvent>,
+}
+
+/// Commands waiting for the shard, or why it takes none any more.
+#[derive(Default)]
+struct CmdQueue {
+    cmds: Vec<Cmd>,
+    /// Set once the shard's thread has failed: commands pushed after that are
+    /// answered at once (see [`reject`]).
+    closed: Option<Arc<str>>,
 }
 
 /// The handle other threads use to reach one shard.
@@ -139,9 +154,9 @@ pub(crate) struct ShardHandle {
 
 impl ShardShared {
     pub(crate) fn push(&self, cmd: Cmd) {
-        match self.queue.lock() {
-            Ok(mut q) => q.push(cmd),
-            Err(poisoned) => poisoned.into_inner().push(cmd),
+        if let Some((cmd, why)) = self.enqueue(cmd) {
+            reject(cmd, &why);
+            return;
         }
         // Wake the shard only if it is (about to be) asleep: a busy shard drains the
         // queue before it waits again (see `prepare_to_sleep`).
@@ -152,9 +167,9 @@ impl ShardShared {
     /// it sleeps past that (a handed-over execution: the worker's answer wakes it,
     /// and `by` is the execution's deadline).
     pub(crate) fn push_lazy(&self, cmd: Cmd, by: Instant) {
-        match self.queue.lock() {
-            Ok(mut q) => q.push(cmd),
-            Err(poisoned) => poisoned.into_inner().push(cmd),
+        if let Some((cmd, why)) = self.enqueue(cmd) {
+            reject(cmd, &why);
+            return;
         }
         if !self.sleeping.load(Ordering::SeqCst) {
             // Awake: it drains the queue before it sleeps again.
@@ -163,6 +178,36 @@ impl ShardShared {
         if self.nanos(by) < self.wakes_at.load(Ordering::SeqCst) {
             self.wake();
         }
+    }
+
+    /// Queues `cmd`, or gives it back with the reason if the shard has failed.
+    fn enqueue(&self, cmd: Cmd) -> Option<(Cmd, Arc<str>)> {
+        let mut q = self.lock_queue();
+        match &q.closed {
+            Some(why) => Some((cmd, why.clone())),
+            None => {
+                q.cmds.push(cmd);
+                None
+            }
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, CmdQueue> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the shard's thread has failed (it takes no more work).
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Marks the shard failed with `why`: later commands are rejected at once, and
+    /// the ones already queued are returned for the caller to reject.
+    fn close(&self, why: Arc<str>) -> Vec<Cmd> {
+        let mut q = self.lock_queue();
+        self.failed.store(true, Ordering::Release);
+        q.closed = Some(why);
+        std::mem::take(&mut q.cmds)
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -182,10 +227,7 @@ impl ShardShared {
     pub(crate) fn prepare_to_sleep(&self, wakes_at: Instant) -> bool {
         self.wakes_at.store(self.nanos(wakes_at), Ordering::SeqCst);
         self.sleeping.store(true, Ordering::SeqCst);
-        let empty = match self.queue.lock() {
-            Ok(q) => q.is_empty(),
-            Err(p) => p.into_inner().is_empty(),
-        };
+        let empty = self.lock_queue().cmds.is_empty();
         if !empty {
             // Someone may have seen `sleeping` and written the eventfd: harmless.
             self.sleeping.store(false, Ordering::SeqCst);
@@ -196,7 +238,7 @@ impl ShardShared {
     /// Whether commands are waiting (cheap check for busy polling).
     pub(crate) fn has_commands(&self) -> bool {
         match self.queue.try_lock() {
-            Ok(q) => !q.is_empty(),
+            Ok(q) => !q.cmds.is_empty(),
             Err(_) => true,
         }
     }
@@ -207,10 +249,26 @@ impl ShardShared {
     }
 
     fn drain(&self, into: &mut Vec<Cmd>) {
-        match self.queue.lock() {
-            Ok(mut q) => std::mem::swap(&mut *q, into),
-            Err(poisoned) => std::mem::swap(&mut *poisoned.into_inner(), into),
-        }
+        std::mem::swap(&mut self.lock_queue().cmds, into);
+    }
+}
+
+/// Answers a command the failed shard `why` will never run: an execution completes
+/// with `Internal` (exactly once, like every execution); the rest need no answer.
+fn reject(cmd: Cmd, why: &str) {
+    if let Cmd::Execute(req) = cmd {
+        req.sink.complete(Err(Error::Internal(format!("the engine thread of this execution's shard failed: {why}"))));
+    }
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }
 
@@ -229,9 +287,10 @@ impl ShardHandle {
         // SAFETY: fresh fd owned by us.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         let shared = Arc::new(ShardShared {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(CmdQueue::default()),
             eventfd,
             runner_dead: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             wakes_at: AtomicU64::new(u64::MAX),
             clock_base: Instant::now(),
@@ -256,7 +315,30 @@ impl ShardHandle {
                     }
                 };
                 let _ = built_tx.send(Ok(()));
-                reactor::Reactor::new(ring, deferred, config, thread_shared, ctl).run();
+                let index = config.index;
+                let mut reactor = reactor::Reactor::new(ring, deferred, config, thread_shared.clone(), ctl);
+                let payload = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run())) {
+                    Ok(true) => return,
+                    Ok(false) => {
+                        // Leak everything rather than free memory the kernel may
+                        // still write into.
+                        std::mem::forget(reactor);
+                        return;
+                    }
+                    Err(payload) => payload,
+                };
+                // A bug. Nothing may be lost: every execution this shard holds or is
+                // sent from now on completes with an error, and routing skips it.
+                let why: Arc<str> = Arc::from(format!("engine thread {index} panicked: {}", panic_text(&*payload)));
+                tracing::error!(shard = index, error = %why, "an engine thread panicked; its executions fail and it takes no more work");
+                for cmd in reactor.take_unhandled().into_iter().chain(thread_shared.close(why.clone())) {
+                    reject(cmd, &why);
+                }
+                let abandoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.abandon(&why)));
+                if !matches!(abandoned, Ok(true)) {
+                    // The kernel may still write into the reactor's buffers: leak them.
+                    std::mem::forget(reactor);
+                }
             })
             .map_err(|e| Error::io("spawn engine thread", e))?;
         match built_rx.recv() {

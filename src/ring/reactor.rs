@@ -272,7 +272,9 @@ impl Reactor {
         self.pending_sqes.clear();
     }
 
-    pub(super) fn run(mut self) {
+    /// Runs the shard until shutdown. Returns whether the kernel is done with every
+    /// buffer of this reactor (otherwise the caller must leak it, not drop it).
+    pub(super) fn run(&mut self) -> bool {
         self.post_eventfd_read();
         self.post_ctl_recv();
         loop {
@@ -334,11 +336,20 @@ impl Reactor {
         self.fail_everything("the engine is shutting down");
         self.shared.runner_dead.store(true, Ordering::Release);
         // Dropping the reactor closes the control connection: the runner kills this
-        // shard's workers and exits once every shard is gone.
-        if !self.drain_kernel() {
-            // Leak everything rather than free memory the kernel may still write into.
-            std::mem::forget(self);
-        }
+        // shard's workers and exits once every shard is gone. If the drain fails the
+        // caller leaks everything rather than free memory the kernel may still write
+        // into.
+        self.drain_kernel(None)
+    }
+
+    /// After `run` panicked (a bug): every execution this shard holds completes with
+    /// `Internal`, its workers are offered no more, and the kernel is drained for at
+    /// most a second. Returns whether the drain finished (the reactor may then be
+    /// dropped, which closes the control connection and the workers' sockets: the
+    /// workers and the runner's connection thread see end-of-file and exit).
+    pub(super) fn abandon(&mut self, why: &str) -> bool {
+        self.fail_all(|| Error::Internal(why.to_string()));
+        self.drain_kernel(Some(Instant::now() + Duration::from_secs(1)))
     }
 
     /// Submits and sleeps until completions arrive or the next timer is due. Under
@@ -384,13 +395,22 @@ impl Reactor {
     /// an idle worker did: a caller queues a handed-over execution before it writes
     /// the request, so after this the shard knows every execution whose request may
     /// have reached the worker.
+    /// Handles the queued commands in order. Those not handled yet stay in
+    /// `cmd_buf` (in reverse order), so that after a panic none is lost (see
+    /// [`Reactor::take_unhandled`]).
     fn drain_commands(&mut self) {
         let mut cmds = std::mem::take(&mut self.cmd_buf);
         self.shared.drain(&mut cmds);
-        for cmd in cmds.drain(..) {
+        cmds.reverse();
+        self.cmd_buf = cmds;
+        while let Some(cmd) = self.cmd_buf.pop() {
             self.handle_cmd(cmd);
         }
-        self.cmd_buf = cmds;
+    }
+
+    /// Commands taken from the queue but not handled (after a panic).
+    pub(super) fn take_unhandled(&mut self) -> Vec<Cmd> {
+        std::mem::take(&mut self.cmd_buf)
     }
 
     fn has_busy_workers(&self) -> bool {
@@ -407,14 +427,27 @@ impl Reactor {
 
     /// Cancels every operation still in the kernel and waits for their completions,
     /// so no buffer is freed while the kernel may still write into it.
-    fn drain_kernel(&mut self) -> bool {
+    /// Gives up (returns false) at `deadline`, if any.
+    fn drain_kernel(&mut self, deadline: Option<Instant>) -> bool {
         self.pending_sqes.clear();
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(0);
         self.pending_sqes.push(cancel);
         self.flush_sqes();
         while self.in_kernel > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
+            let waited = match deadline {
+                None => self.ring.submit_and_wait(1),
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        tracing::error!(in_kernel = self.in_kernel, "operations still in the kernel after the drain's deadline");
+                        return false;
+                    }
+                    let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+                    self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+                }
+            };
+            if let Err(e) = waited {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME)) {
                     tracing::error!(error = %e, "io_uring_enter failed while draining");
                     return false;
                 }
@@ -448,6 +481,8 @@ impl Reactor {
                 self.fail_everything(&why);
             }
             Cmd::Shutdown => self.shutting_down = true,
+            #[cfg(feature = "fault-injection")]
+            Cmd::InjectPanic => panic!("injected by Engine::inject_engine_panic"),
         }
     }
 
@@ -1638,9 +1673,14 @@ impl Reactor {
     }
 
     fn fail_everything(&mut self, why: &str) {
+        self.fail_all(|| Error::Unavailable(why.to_string()));
+    }
+
+    /// Completes every execution with `error()` and offers no worker any more.
+    fn fail_all(&mut self, error: impl Fn() -> Error) {
         let ids: Vec<u64> = self.execs.keys().copied().collect();
         for id in ids {
-            self.complete(id, Err(Error::Unavailable(why.to_string())));
+            self.complete(id, Err(error()));
         }
         for t in self.tokens.values_mut() {
             t.queue.clear();
