@@ -127,6 +127,16 @@ pub struct Config {
     /// Ignored when `busy_poll` is on (a polling engine thread would keep its own
     /// workers off their core).
     pub pin_workers: bool,
+    /// `minimal` mode: the runner makes each worker's channel (a socketpair) and
+    /// the engine thread takes its end straight from the runner's descriptor table
+    /// (`pidfd_getfd`, which needs ptrace rights over the runner: in practice an
+    /// engine running as root or with CAP_SYS_PTRACE; probed at start). No Unix socket then travels in a control message, which saves the
+    /// engine thread the socketpair and the `SCM_RIGHTS` send, and the kernel the
+    /// Unix-socket garbage collection it queues when a socket closes while others
+    /// are in flight. Off, or where `pidfd_getfd` is refused, and always in the
+    /// gVisor modes (the runner's descriptors live in the sandbox's kernel), the
+    /// engine thread makes the pair and sends the worker's end with the spawn order.
+    pub runner_channels: bool,
     /// The calling thread hands a request to a ready worker itself: it claims the
     /// worker, queues the execution on its engine thread without waking it, and
     /// writes the request (up to `hand_over_max_bytes`; on the shared-memory transport it places
@@ -177,6 +187,7 @@ impl Default for Config {
             batch_wait: Duration::from_micros(200),
             batch_min_in_flight: 8,
             pin_workers: true,
+            runner_channels: true,
             hand_over: true,
             hand_over_max_bytes: 64 << 10,
             wait_spin: Duration::from_micros(100),

@@ -39,6 +39,8 @@ pub struct Engine {
     debug_log_dir: Option<std::path::PathBuf>,
     warnings: Vec<String>,
     shm_pool: Arc<ShmPool>,
+    /// Whether the runner made the workers' channels when the engine started.
+    runner_channels: bool,
 }
 
 impl Engine {
@@ -88,6 +90,8 @@ impl Engine {
         let shm_pool = Arc::new(ShmPool::new(reuse));
         let mut shards = Vec::with_capacity(cores.len());
         let mut sandbox = launched.sandbox;
+        let runner = launched.runner;
+        let runner_channels = runner.is_some();
         for (index, (core, ctl)) in cores.iter().zip(launched.controls).enumerate() {
             let shard_config = ShardConfig {
                 index,
@@ -100,7 +104,7 @@ impl Engine {
                 host_api: host_api.clone(),
                 shm_pool: shm_pool.clone(),
             };
-            match ShardHandle::start(shard_config, ctl, events.clone()) {
+            match ShardHandle::start(shard_config, ctl, runner.clone(), events.clone()) {
                 Ok(s) => shards.push(s),
                 Err(e) => {
                     for s in &mut shards {
@@ -139,6 +143,7 @@ impl Engine {
             debug_log_dir,
             warnings: launched.warnings,
             shm_pool,
+            runner_channels,
         })
     }
 
@@ -162,6 +167,13 @@ impl Engine {
     /// The configuration the engine was built with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Whether the runner makes the workers' channels and the engine threads take
+    /// them from it (`Config::runner_channels`: asked for, minimal mode, and
+    /// `pidfd_getfd` allowed on the runner), as of the engine's start.
+    pub fn runner_makes_channels(&self) -> bool {
+        self.runner_channels
     }
 
     /// Isolation steps the sandbox reported it could not apply (also logged).

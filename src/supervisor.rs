@@ -59,7 +59,7 @@ impl Supervisor {
                     self.sandbox = launched.sandbox;
                     self.sandbox_pid.store(self.sandbox.pid(), Ordering::Release);
                     for (shard, ctl) in self.shards.iter().zip(launched.controls) {
-                        shard.push(Cmd::Reconnect { epoch: next_epoch, ctl });
+                        shard.push(Cmd::Reconnect { epoch: next_epoch, ctl, runner: launched.runner.clone() });
                     }
                     tracing::info!(attempt, pid = self.sandbox.pid(), "sandbox restarted; re-creating workers");
                     return true;

@@ -67,6 +67,10 @@ pub struct EngineArgs {
     /// ready worker from the calling thread (Config::hand_over = false).
     #[arg(long)]
     no_hand_over: bool,
+    /// Make each worker's channel on the engine thread and send it with the spawn
+    /// order, instead of taking the runner's (Config::runner_channels = false).
+    #[arg(long)]
+    no_runner_channels: bool,
     /// Execution::wait polls this many µs for the answer before parking, when the
     /// worker runs on another core (Config::wait_spin; 0 = park at once).
     #[arg(long, default_value_t = 100)]
@@ -102,6 +106,7 @@ impl EngineArgs {
             batch_min_in_flight: self.batch_min_in_flight,
             pin_workers: !self.no_pin_workers,
             hand_over: !self.no_hand_over,
+            runner_channels: !self.no_runner_channels,
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             ..Default::default()

@@ -49,8 +49,9 @@ pub(crate) enum Cmd {
     HostReply { exec: u64, worker_id: u64, call_id: u64, result: crate::host_api::HostResult },
     /// Another shard saw sandbox generation `epoch` die.
     RunnerDown { epoch: u64 },
-    /// The supervisor restarted the sandbox: use this control connection.
-    Reconnect { epoch: u64, ctl: OwnedFd },
+    /// The supervisor restarted the sandbox: use this control connection (and
+    /// this pidfd of the new runner, see `Config::runner_channels`).
+    Reconnect { epoch: u64, ctl: OwnedFd, runner: Option<Arc<OwnedFd>> },
     /// The caller that was handed execution `exec` on worker (`key`, `gen`) could
     /// write only `written` bytes of its request (`error`: why, if it failed).
     HandOverShort { exec: u64, key: u32, gen: u32, written: usize, error: Option<i32> },
@@ -273,10 +274,13 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl ShardHandle {
-    /// Starts the shard thread; `ctl` is the host end of its runner connection.
+    /// Starts the shard thread; `ctl` is the host end of its runner connection,
+    /// `runner` a pidfd of the runner to take worker channels from (see
+    /// `Config::runner_channels`).
     pub(crate) fn start(
         config: ShardConfig,
         ctl: OwnedFd,
+        runner: Option<Arc<OwnedFd>>,
         events: std::sync::mpsc::Sender<SupervisorEvent>,
     ) -> Result<ShardHandle> {
         // SAFETY: plain eventfd creation.
@@ -316,7 +320,7 @@ impl ShardHandle {
                 };
                 let _ = built_tx.send(Ok(()));
                 let index = config.index;
-                let mut reactor = reactor::Reactor::new(ring, deferred, config, thread_shared.clone(), ctl);
+                let mut reactor = reactor::Reactor::new(ring, deferred, config, thread_shared.clone(), ctl, runner);
                 let payload = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run())) {
                     Ok(true) => return,
                     Ok(false) => {

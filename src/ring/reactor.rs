@@ -17,7 +17,7 @@ use prost::Message;
 use super::ctl::CtlOut;
 use super::{Cmd, ExecRequest, Offer, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
-use crate::ipc::control::{host_to_runner, runner_to_host, Kill, Load, RunnerToHost, Spawn, Unload};
+use crate::ipc::control::{host_to_runner, runner_to_host, Channels, ChannelsTaken, Kill, Load, RunnerToHost, Spawn, Unload};
 use crate::ipc::frame::{self, Header};
 use crate::ipc::fdpass;
 use crate::host_api::wire::{HostCall, HostReply};
@@ -166,7 +166,12 @@ pub(super) struct Reactor {
     epoch: u64,
     /// Control-connection operations in the kernel (recv and send).
     ctl_inflight: u32,
-    pending_reconnect: Option<(u64, OwnedFd)>,
+    pending_reconnect: Option<(u64, OwnedFd, Option<Arc<OwnedFd>>)>,
+    /// A pidfd of the runner: workers' channels are made by the runner and taken
+    /// from it (`Config::runner_channels`); `None`: made here and sent along.
+    runner: Option<Arc<OwnedFd>>,
+    /// Host ends taken from the runner since the last `ChannelsTaken`.
+    taken: Vec<i32>,
     /// Set when the sandbox cannot come back: every execution fails with it.
     runner_fatal: Option<String>,
     ctl_buf: Box<[u8]>,
@@ -194,6 +199,10 @@ pub(super) struct Reactor {
     shutting_down: bool,
 }
 
+/// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h, Linux 5.19): a
+/// recv/send flag in the SQE's `ioprio` field.
+const RECVSEND_POLL_FIRST: u16 = 1;
+
 fn describe_status(status: i32) -> String {
     if libc::WIFEXITED(status) {
         format!("exited with status {}", libc::WEXITSTATUS(status))
@@ -208,7 +217,14 @@ fn describe_status(status: i32) -> String {
 }
 
 impl Reactor {
-    pub(super) fn new(ring: IoUring, deferred: bool, config: ShardConfig, shared: Arc<ShardShared>, ctl: OwnedFd) -> Reactor {
+    pub(super) fn new(
+        ring: IoUring,
+        deferred: bool,
+        config: ShardConfig,
+        shared: Arc<ShardShared>,
+        ctl: OwnedFd,
+        runner: Option<Arc<OwnedFd>>,
+    ) -> Reactor {
         let min_timeout = ring.params().is_feature_min_timeout();
         Reactor {
             batching: deferred && min_timeout && config.batch_wait > Duration::ZERO,
@@ -220,6 +236,8 @@ impl Reactor {
             epoch: 0,
             ctl_inflight: 0,
             pending_reconnect: None,
+            runner,
+            taken: Vec::new(),
             runner_fatal: None,
             ctl_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
             ctl_decoder: frame::Decoder::default(),
@@ -283,8 +301,8 @@ impl Reactor {
                 break;
             }
             if self.ctl_inflight == 0 {
-                if let Some((epoch, ctl)) = self.pending_reconnect.take() {
-                    self.reconnect(epoch, ctl);
+                if let Some((epoch, ctl, runner)) = self.pending_reconnect.take() {
+                    self.reconnect(epoch, ctl, runner);
                 }
             }
             self.fire_timers();
@@ -473,7 +491,7 @@ impl Reactor {
                     self.runner_gone("the sandbox died");
                 }
             }
-            Cmd::Reconnect { epoch, ctl } => self.pending_reconnect = Some((epoch, ctl)),
+            Cmd::Reconnect { epoch, ctl, runner } => self.pending_reconnect = Some((epoch, ctl, runner)),
             Cmd::RunnerFatal(why) => {
                 self.runner_fatal = Some(why.clone());
                 self.runner_dead = true;
@@ -508,11 +526,14 @@ impl Reactor {
 
     /// Starts over with a restarted sandbox: every token is loaded again and its
     /// slots filled; queued executions are served as workers become ready.
-    fn reconnect(&mut self, epoch: u64, ctl: OwnedFd) {
+    fn reconnect(&mut self, epoch: u64, ctl: OwnedFd, runner: Option<Arc<OwnedFd>>) {
         if self.runner_fatal.is_some() {
             return;
         }
         self.ctl = ctl;
+        self.runner = runner;
+        // Fd numbers in the old runner mean nothing to the new one.
+        self.taken.clear();
         self.epoch = epoch;
         self.ctl_out = CtlOut::default();
         self.ctl_decoder = frame::Decoder::default();
@@ -698,8 +719,16 @@ impl Reactor {
         let Some(t) = self.tokens.get_mut(&token) else { return Ok(()) };
         let log = t.entry.log;
         let shm_size = t.entry.shm;
-        let (host_end, runner_end) = fdpass::stream_pair()?;
-        let mut fds = vec![runner_end];
+        // With a runner pidfd the runner makes the channel (see `on_channels`);
+        // otherwise it is made here and its worker end goes with the order.
+        let runner_channel = self.runner.is_some();
+        let mut host_end = None;
+        let mut fds = Vec::new();
+        if !runner_channel {
+            let (host, runner_end) = fdpass::stream_pair()?;
+            host_end = Some(Arc::new(host));
+            fds.push(runner_end);
+        }
         let logs = if log {
             let out = memfd(c"roma-stdout")?;
             let err = memfd(c"roma-stderr")?;
@@ -721,14 +750,14 @@ impl Reactor {
         let worker_id = self.next_worker_id;
         self.next_worker_id += 1;
         let shm_on = shm.is_some();
-        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on }), fds);
+        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on, runner_channel }), fds);
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1) & 0xff_ffff;
         let conn = WorkerConn {
             worker_id,
             token,
             gen,
-            fd: Some(Arc::new(host_end)),
+            fd: host_end,
             state: WState::Spawning,
             buf: vec![0u8; RECV_CHUNK],
             filled: 0,
@@ -755,15 +784,79 @@ impl Reactor {
             }
         };
         self.by_worker_id.insert(worker_id, key);
-        self.post_worker_recv(key, 1);
+        if !runner_channel {
+            self.post_worker_recv(key, 1, true);
+        }
         Ok(())
+    }
+
+    /// The runner made these workers' channels: take each host end from its
+    /// descriptor table and wait for the worker's ready byte; tell the runner to
+    /// close its copies (workers that are gone meanwhile included).
+    fn on_channels(&mut self, channels: Channels) {
+        for ch in channels.channels {
+            self.taken.push(ch.fd);
+            let Some(&key) = self.by_worker_id.get(&ch.worker_id) else { continue };
+            let waiting = self.worker(key).is_some_and(|w| w.state == WState::Spawning && w.fd.is_none() && w.exited.is_none());
+            if !waiting {
+                continue;
+            }
+            match self.take_from_runner(ch.fd) {
+                Ok(fd) => {
+                    if let Some(w) = self.worker(key) {
+                        w.fd = Some(Arc::new(fd));
+                    }
+                    self.post_worker_recv(key, 1, true);
+                }
+                Err(e) => {
+                    // The worker reads end-of-file once the runner closes its end.
+                    tracing::error!(error = %e, fd = ch.fd, "cannot take a worker's channel from the runner");
+                    self.on_worker_exit(key, 0, Some(format!("its channel could not be taken from the runner: {e}")));
+                }
+            }
+        }
+        if !self.taken.is_empty() {
+            let fds = std::mem::take(&mut self.taken);
+            self.ctl_out.push(host_to_runner::Msg::ChannelsTaken(ChannelsTaken { fds }), Vec::new());
+        }
+    }
+
+    /// `pidfd_getfd` of the runner's fd `fd`, checked to be a socket (the runner is
+    /// sandboxed; what it reports is not trusted blindly).
+    fn take_from_runner(&self, fd: i32) -> std::io::Result<OwnedFd> {
+        let Some(pidfd) = self.runner.as_ref() else {
+            return Err(std::io::Error::other("no runner pidfd"));
+        };
+        // SAFETY: pidfd_getfd with a valid pidfd and no flags returns a fresh fd
+        // (close-on-exec) or -1.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
+        if got < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd owned by us.
+        let owned = unsafe { OwnedFd::from_raw_fd(got) };
+        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: fstat of an fd we own into a stat buffer we own.
+        if unsafe { libc::fstat(owned.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: zero-initialised, and filled by the successful fstat.
+        let st = unsafe { st.assume_init() };
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(std::io::Error::other(format!("runner fd {fd} is not a socket")));
+        }
+        Ok(owned)
     }
 
     fn worker(&mut self, key: u32) -> Option<&mut WorkerConn> {
         self.workers.get_mut(key as usize).and_then(|w| w.as_mut())
     }
 
-    fn post_worker_recv(&mut self, key: u32, len: usize) {
+    /// Reads up to `len` more bytes from a worker. `expect_wait`: nothing is due
+    /// yet (the ready byte of a new worker, the answer to a request not sent yet),
+    /// so the kernel arms the poll at once instead of first trying a read that
+    /// would fail (IORING_RECVSEND_POLL_FIRST).
+    fn post_worker_recv(&mut self, key: u32, len: usize, expect_wait: bool) {
         let Some(w) = self.worker(key) else { return };
         let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
         if w.buf.len() < w.filled + len {
@@ -773,7 +866,8 @@ impl Reactor {
         // while this recv is in flight (inflight > 0 blocks every resize path).
         let ptr = unsafe { w.buf.as_mut_ptr().add(w.filled) };
         w.inflight += 1;
-        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32).build().user_data(ud(K_W_RECV, key, w.gen));
+        let ioprio = if expect_wait { RECVSEND_POLL_FIRST } else { 0 };
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32).ioprio(ioprio).build().user_data(ud(K_W_RECV, key, w.gen));
         self.push_sqe(sqe);
     }
 
@@ -1114,6 +1208,7 @@ impl Reactor {
                     self.on_worker_exit(key, 0, Some(f.error));
                 }
             }
+            runner_to_host::Msg::Channels(channels) => self.on_channels(channels),
             runner_to_host::Msg::Started(_) | runner_to_host::Msg::StartFailed(_) => {}
         }
     }
@@ -1219,7 +1314,7 @@ impl Reactor {
                     t.failures = 0;
                     t.respawn_at = None;
                     if let Some(exec_id) = t.queue.pop_front() {
-                        self.post_worker_recv(key, RECV_CHUNK);
+                        self.post_worker_recv(key, RECV_CHUNK, true);
                         self.dispatch(exec_id, key);
                         return;
                     }
@@ -1229,7 +1324,7 @@ impl Reactor {
                         t.entry.per_shard[self.config.index].ready.publish(offer);
                     }
                 }
-                self.post_worker_recv(key, RECV_CHUNK);
+                self.post_worker_recv(key, RECV_CHUNK, true);
             }
             WState::Idle => {
                 // Bytes before any request: a protocol violation.
@@ -1283,7 +1378,7 @@ impl Reactor {
             }
             let (offset, len) = match frame::parse_header(&w.buf[..w.filled]) {
                 Header::Incomplete => {
-                    self.post_worker_recv(key, RECV_CHUNK);
+                    self.post_worker_recv(key, RECV_CHUNK, false);
                     return;
                 }
                 Header::Invalid => {
@@ -1295,7 +1390,7 @@ impl Reactor {
             if len == CALL_MARKER {
                 let (o2, l2) = match frame::parse_header(&w.buf[offset..w.filled]) {
                     Header::Incomplete => {
-                        self.post_worker_recv(key, RECV_CHUNK);
+                        self.post_worker_recv(key, RECV_CHUNK, false);
                         return;
                     }
                     Header::Invalid => {
@@ -1311,7 +1406,7 @@ impl Reactor {
                 let total = offset + o2 + l2 as usize;
                 if w.filled < total {
                     let missing = total - w.filled;
-                    self.post_worker_recv(key, missing);
+                    self.post_worker_recv(key, missing, false);
                     return;
                 }
                 let call = HostCall::decode(&w.buf[offset + o2..total]);

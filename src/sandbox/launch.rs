@@ -1,7 +1,8 @@
 //! Starting the runner process for a mode and waiting for its start-up report.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +57,9 @@ pub struct Launched {
     pub sandbox: Sandbox,
     pub controls: Vec<OwnedFd>,
     pub warnings: Vec<String>,
+    /// A pidfd of the runner when the engine may take worker channels from its
+    /// descriptor table (`Config::runner_channels`, minimal mode).
+    pub runner: Option<Arc<OwnedFd>>,
 }
 
 /// Everything needed to (re)start the sandbox of one engine.
@@ -146,7 +150,8 @@ impl Launcher {
                 }
             }
         }
-        Ok(Launched { sandbox, controls: host_ends, warnings })
+        let runner = if self.gvisor.is_none() && self.config.runner_channels { runner_pidfd(sandbox.pid()) } else { None };
+        Ok(Launched { sandbox, controls: host_ends, warnings, runner })
     }
 
     fn spawn_minimal(&self, runner_ends: &[OwnedFd]) -> Result<Child> {
@@ -311,4 +316,30 @@ fn wait_started(fd: &OwnedFd, deadline: Instant) -> Result<Vec<String>> {
         }
         decoder.extend(&buf[..r as usize]);
     }
+}
+
+/// A pidfd of the runner (`pid`, our child) if `pidfd_getfd` on it is allowed:
+/// probed with an fd number that cannot be open, which fails with EBADF when the
+/// access check passed (EPERM when it did not).
+fn runner_pidfd(pid: u32) -> Option<Arc<OwnedFd>> {
+    // SAFETY: pidfd_open on our own child; returns a fresh fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as RawFd;
+    if fd < 0 {
+        tracing::info!(error = %io::Error::last_os_error(), "no pidfd for the runner: worker channels travel in control messages");
+        return None;
+    }
+    // SAFETY: fresh fd owned by us.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: pidfd_getfd with a valid pidfd, an fd number no process can have open
+    // (above any RLIMIT_NOFILE) and no flags; a success would return a fresh fd.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), i32::MAX, 0) } as RawFd;
+    let err = io::Error::last_os_error();
+    if got >= 0 {
+        // SAFETY: a fresh fd from pidfd_getfd, owned by us.
+        drop(unsafe { OwnedFd::from_raw_fd(got) });
+    } else if err.raw_os_error() != Some(libc::EBADF) {
+        tracing::info!(error = %err, "pidfd_getfd on the runner is refused: worker channels travel in control messages");
+        return None;
+    }
+    Some(Arc::new(pidfd))
 }

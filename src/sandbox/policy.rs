@@ -95,6 +95,7 @@ x86_64_syscalls! {
     SYS_getpid = 39,
     SYS_sendmsg = 46,
     SYS_recvmsg = 47,
+    SYS_socketpair = 53,
     SYS_clone = 56,
     SYS_execve = 59,
     SYS_exit = 60,
@@ -477,7 +478,8 @@ pub fn untrusted_worker_allowlist() -> Filter {
 
 /// What the runner needs beyond [`untrusted_worker_allowlist`] (besides
 /// process-creating `clone` and setting limits with `prlimit64`): its control
-/// connections (`sendmsg`/`recvmsg` with descriptors), child management
+/// connections (`sendmsg`/`recvmsg` with descriptors), the workers' channels it
+/// makes in minimal mode (`socketpair`), child management
 /// (`wait4` — glibc's `waitpid` —, `kill`, `signalfd4`), the worker set-up steps
 /// between `clone` and `execveat` (`close_range`, `prctl`, `capset`, `seccomp`;
 /// glibc's `setrlimit` is `prlimit64`), pinning its connection threads (`sched_setaffinity`) and, in
@@ -486,6 +488,7 @@ pub fn untrusted_worker_allowlist() -> Filter {
 pub const RUNNER_EXTRA: &[libc::c_long] = &[
     SYS_sendmsg,
     SYS_recvmsg,
+    SYS_socketpair,
     SYS_wait4,
     SYS_kill,
     SYS_signalfd4,

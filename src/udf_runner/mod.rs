@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
-use crate::ipc::control::{host_to_runner, runner_to_host, Exited, HostToRunner, RunnerToHost, SpawnFailed, StartFailed, Started};
+use crate::ipc::control::{
+    host_to_runner, runner_to_host, Channel, Channels, Exited, HostToRunner, RunnerToHost, SpawnFailed, StartFailed, Started,
+};
 use crate::ipc::{fdpass, frame};
 use crate::sandbox::{gate, policy, rootfs, seccomp};
 use spawn::{SpawnPlan, Spawner};
@@ -458,12 +460,28 @@ struct ConnThread {
     spawner: Spawner,
     /// Why this connection starts no worker (its seccomp gate is missing).
     refuse: Option<String>,
+    /// Host ends of the channels this thread made (`Spawn::runner_channel`), by fd
+    /// number, until the host says it has taken them (`ChannelsTaken`).
+    host_ends: HashMap<RawFd, OwnedFd>,
+    /// Channels made since the last report to the host.
+    made: Vec<Channel>,
 }
 
 impl ConnThread {
     fn new(idx: usize, shared: Arc<Shared>, settings: Arc<Settings>) -> ConnThread {
         let spawner = Spawner::new(settings.extra_clone_flags);
-        ConnThread { idx, shared, settings, decoder: frame::Decoder::default(), fds: Default::default(), binaries: HashMap::new(), spawner, refuse: None }
+        ConnThread {
+            idx,
+            shared,
+            settings,
+            decoder: frame::Decoder::default(),
+            fds: Default::default(),
+            binaries: HashMap::new(),
+            spawner,
+            refuse: None,
+            host_ends: HashMap::new(),
+            made: Vec::new(),
+        }
     }
 
     fn run(mut self) {
@@ -514,6 +532,13 @@ impl ConnThread {
             if n == 0 || !self.take(&buf[..n]) {
                 break;
             }
+            // One report for the channels made from this batch of orders.
+            if !self.made.is_empty() {
+                let msg = runner_to_host::Msg::Channels(Channels { channels: std::mem::take(&mut self.made) });
+                if !self.shared.send(self.idx, msg) {
+                    break;
+                }
+            }
         }
         self.close();
     }
@@ -558,6 +583,7 @@ impl ConnThread {
         drop(tables);
         self.binaries.clear();
         self.fds.clear();
+        self.host_ends.clear();
     }
 
     fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), String> {
@@ -584,8 +610,33 @@ impl ConnThread {
                     kill_worker(*pid);
                 }
             }
+            host_to_runner::Msg::ChannelsTaken(taken) => {
+                // Only fds this thread handed out are closed, whatever the host says.
+                for fd in taken.fds {
+                    self.host_ends.remove(&fd);
+                }
+            }
             host_to_runner::Msg::Spawn(sp) => {
-                let channel = self.fds.pop_front().ok_or("Spawn without its channel fd")?;
+                let (channel, host_end) = if sp.runner_channel {
+                    match make_channel() {
+                        Ok((host, worker)) => (worker, Some(host)),
+                        Err(e) => {
+                            let error = format!("cannot make the worker's channel: socketpair: {e}");
+                            let msg = runner_to_host::Msg::SpawnFailed(SpawnFailed { worker_id: sp.worker_id, error });
+                            if !self.shared.send(self.idx, msg) {
+                                return Err("control connection closed".into());
+                            }
+                            // Its log and shared-memory fds still follow in the queue.
+                            let extra = 2 * usize::from(sp.log) + usize::from(sp.shm);
+                            for _ in 0..extra {
+                                self.fds.pop_front().ok_or("Spawn without its log or shared-memory fds")?;
+                            }
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    (self.fds.pop_front().ok_or("Spawn without its channel fd")?, None)
+                };
                 let logs = if sp.log {
                     let out = self.fds.pop_front().ok_or("Spawn without its stdout fd")?;
                     let err = self.fds.pop_front().ok_or("Spawn without its stderr fd")?;
@@ -635,9 +686,14 @@ impl ConnThread {
                             }
                         };
                         if let Some(status) = early {
+                            // Already gone: its channel's host end is of no use.
                             let mut bytes = Vec::new();
                             Shared::exited(sp.worker_id, status, &mut bytes);
                             self.shared.send_frames(self.idx, &bytes);
+                        } else if let Some(host) = host_end {
+                            let fd = host.as_raw_fd();
+                            self.host_ends.insert(fd, host);
+                            self.made.push(Channel { worker_id: sp.worker_id, fd });
                         }
                     }
                     Err(error) => {
@@ -651,6 +707,20 @@ impl ConnThread {
         }
         Ok(())
     }
+}
+
+/// A worker's channel made here (`Spawn::runner_channel`): a connected Unix stream
+/// socket pair, both ends close-on-exec, as (host end, worker end). Through the
+/// seccomp gate: `socketpair` carries the key on connection threads.
+fn make_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    let args = [libc::AF_UNIX as usize, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize, 0, fds.as_mut_ptr() as usize, 0];
+    // SAFETY: `fds` is a valid 2-element array for socketpair to fill.
+    if unsafe { gate::syscall(libc::SYS_socketpair, args) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded, so both fds are fresh and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// SIGKILL for one of our unreaped workers, from a connection thread (through the

@@ -1,0 +1,68 @@
+//! Worker channels: made by the runner and taken with `pidfd_getfd`
+//! (`Config::runner_channels`, minimal mode), or made by the engine thread and sent
+//! with the spawn order. Either way every execution works, the runner keeps no
+//! channel end once the engine holds it, and the engine leaks none. Alone in its
+//! own test binary so fd counts are not disturbed by other tests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{hello, load};
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Code, Config, Engine, ExecuteOptions, Mode};
+
+fn fds_of(pid: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default())
+        .collect()
+}
+
+fn sockets(fds: &[String]) -> usize {
+    fds.iter().filter(|l| l.starts_with("socket:")).count()
+}
+
+#[test]
+fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_nothing() {
+    let am_root = unsafe { libc::geteuid() } == 0;
+    for runner_channels in [true, false] {
+        let e = Engine::new(Config { mode: Mode::Minimal, runner_channels, ..Default::default() }).unwrap();
+        if runner_channels && !am_root {
+            eprintln!("SKIP runner-made channels: not root, pidfd_getfd on the runner may be refused");
+        } else {
+            assert_eq!(e.runner_makes_channels(), runner_channels);
+        }
+        let shards = e.config().cores.len().max(roma_byob::ring::current_thread_affinity().len());
+        let runner = e.sandbox_pid().to_string();
+        let ok = load(&e, "hello_world", 4);
+        assert_eq!(hello(&e, &ok).unwrap(), "Hello, world!");
+        std::thread::sleep(Duration::from_millis(300));
+        let engine_fds = fds_of("self").len();
+        let early = load(&e, "abort_before_ready", 2);
+
+        for _ in 0..100 {
+            assert_eq!(hello(&e, &ok).unwrap(), "Hello, world!", "runner_channels {runner_channels}");
+        }
+        // Workers that die before their ready byte: their channels are released too.
+        let quick = ExecuteOptions { worker_wait_timeout: Duration::from_millis(100), ..common::opts() };
+        for _ in 0..5 {
+            let err = e
+                .execute::<_, SampleResponse>(&early, &SampleRequest::default(), quick.clone())
+                .unwrap()
+                .wait()
+                .unwrap_err();
+            assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable), "{err}");
+        }
+        e.delete(&early).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+
+        // The runner's only sockets are its control connections, one per engine thread.
+        let runner_fds = fds_of(&runner);
+        assert_eq!(sockets(&runner_fds), shards, "runner_channels {runner_channels}: runner fds {runner_fds:?}");
+        // Idle pools again: as many fds in the engine as before the executions.
+        assert_eq!(fds_of("self").len(), engine_fds, "runner_channels {runner_channels}: engine fds");
+        e.shutdown();
+    }
+}
