@@ -1,7 +1,7 @@
-//! Worker channels: made by the runner and taken with `pidfd_getfd`
+//! Worker channels: made by the runner ahead of need and taken with `pidfd_getfd`
 //! (`Config::runner_channels`, minimal mode), or made by the engine thread and sent
 //! with the spawn order. Either way every execution works, the runner keeps no
-//! channel end once the engine holds it, and the engine leaks none. Alone in its
+//! host end once the engine holds it, and neither side leaks channels. Alone in its
 //! own test binary so fd counts are not disturbed by other tests.
 
 mod common;
@@ -20,9 +20,13 @@ fn fds_of(pid: &str) -> Vec<String> {
         .collect()
 }
 
-fn sockets(fds: &[String]) -> usize {
-    fds.iter().filter(|l| l.starts_with("socket:")).count()
+fn sockets(fds: &[String]) -> Vec<&String> {
+    fds.iter().filter(|l| l.starts_with("socket:")).collect()
 }
+
+/// Channels the runner keeps in stock per engine thread, at most (see
+/// `CHANNEL_BATCH` in src/ring/reactor.rs: 8 at a time), with room to spare.
+const STOCK_BOUND: usize = 64;
 
 #[test]
 fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_nothing() {
@@ -39,7 +43,7 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
         let ok = load(&e, "hello_world", 4);
         assert_eq!(hello(&e, &ok).unwrap(), "Hello, world!");
         std::thread::sleep(Duration::from_millis(300));
-        let engine_fds = fds_of("self").len();
+        let engine_before = fds_of("self");
         let early = load(&e, "abort_before_ready", 2);
 
         for _ in 0..100 {
@@ -58,11 +62,22 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
         e.delete(&early).unwrap();
         std::thread::sleep(Duration::from_millis(300));
 
-        // The runner's only sockets are its control connections, one per engine thread.
+        // No socket is open in both: the runner closed every host end the engine took.
         let runner_fds = fds_of(&runner);
-        assert_eq!(sockets(&runner_fds), shards, "runner_channels {runner_channels}: runner fds {runner_fds:?}");
-        // Idle pools again: as many fds in the engine as before the executions.
-        assert_eq!(fds_of("self").len(), engine_fds, "runner_channels {runner_channels}: engine fds");
+        let engine_after = fds_of("self");
+        let shared: Vec<_> = sockets(&runner_fds).into_iter().filter(|s| sockets(&engine_after).contains(s)).collect();
+        assert!(shared.is_empty(), "runner_channels {runner_channels}: sockets open on both sides: {shared:?}");
+        // The runner's sockets: its control connections and, with runner-made
+        // channels, the worker ends of the stock: bounded, whatever ran before.
+        let stock = if runner_channels { STOCK_BOUND } else { 0 };
+        let n = sockets(&runner_fds).len();
+        assert!(n >= shards && n <= shards * (1 + stock), "runner_channels {runner_channels}: {n} runner sockets");
+        // Idle pools again: the same non-socket fds in the engine as before the
+        // executions, and sockets (control, idle workers, stock) within bounds.
+        let others = |fds: &[String]| fds.len() - sockets(fds).len();
+        assert_eq!(others(&engine_after), others(&engine_before), "runner_channels {runner_channels}: engine fds");
+        let grown = sockets(&engine_after).len().saturating_sub(sockets(&engine_before).len());
+        assert!(grown <= shards * stock, "runner_channels {runner_channels}: {grown} more sockets in the engine");
         e.shutdown();
     }
 }

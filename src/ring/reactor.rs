@@ -17,7 +17,9 @@ use prost::Message;
 use super::ctl::CtlOut;
 use super::{Cmd, ExecRequest, Offer, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
-use crate::ipc::control::{host_to_runner, runner_to_host, Channels, ChannelsTaken, Kill, Load, RunnerToHost, Spawn, Unload};
+use crate::ipc::control::{
+    host_to_runner, runner_to_host, Channels, ChannelsTaken, Kill, Load, MakeChannels, RunnerToHost, Spawn, Unload,
+};
 use crate::ipc::frame::{self, Header};
 use crate::ipc::fdpass;
 use crate::host_api::wire::{HostCall, HostReply};
@@ -170,8 +172,12 @@ pub(super) struct Reactor {
     /// A pidfd of the runner: workers' channels are made by the runner and taken
     /// from it (`Config::runner_channels`); `None`: made here and sent along.
     runner: Option<Arc<OwnedFd>>,
-    /// Host ends taken from the runner since the last `ChannelsTaken`.
-    taken: Vec<i32>,
+    /// Channels the runner made, taken and not used yet: (id, host end).
+    channel_stock: Vec<(u64, OwnedFd)>,
+    /// A `MakeChannels` order is on its way.
+    channels_requested: bool,
+    /// Code tokens whose slots wait for channels.
+    awaiting_channels: Vec<u64>,
     /// Set when the sandbox cannot come back: every execution fails with it.
     runner_fatal: Option<String>,
     ctl_buf: Box<[u8]>,
@@ -198,6 +204,14 @@ pub(super) struct Reactor {
     in_kernel: usize,
     shutting_down: bool,
 }
+
+/// Channels asked of the runner at a time (per shard), and the stock below which
+/// the next batch is asked for. Small on purpose: the runner holds the stock's
+/// worker ends in its descriptor table, which every worker's clone copies and
+/// every exec then closes (a stock of 32-48 made each spawn ~20 µs dearer in the
+/// runner); one order per 2 spawns costs more in messages and wake-ups.
+const CHANNEL_BATCH: u32 = 8;
+const CHANNEL_LOW_WATER: usize = 3;
 
 /// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h, Linux 5.19): a
 /// recv/send flag in the SQE's `ioprio` field.
@@ -237,7 +251,9 @@ impl Reactor {
             ctl_inflight: 0,
             pending_reconnect: None,
             runner,
-            taken: Vec::new(),
+            channel_stock: Vec::new(),
+            channels_requested: false,
+            awaiting_channels: Vec::new(),
             runner_fatal: None,
             ctl_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
             ctl_decoder: frame::Decoder::default(),
@@ -295,6 +311,7 @@ impl Reactor {
     pub(super) fn run(&mut self) -> bool {
         self.post_eventfd_read();
         self.post_ctl_recv();
+        self.request_channels();
         loop {
             self.drain_commands();
             if self.shutting_down {
@@ -532,8 +549,10 @@ impl Reactor {
         }
         self.ctl = ctl;
         self.runner = runner;
-        // Fd numbers in the old runner mean nothing to the new one.
-        self.taken.clear();
+        // Channels of the old runner lead nowhere.
+        self.channel_stock.clear();
+        self.channels_requested = false;
+        self.request_channels();
         self.epoch = epoch;
         self.ctl_out = CtlOut::default();
         self.ctl_decoder = frame::Decoder::default();
@@ -707,33 +726,36 @@ impl Reactor {
                     return;
                 }
             }
-            if let Err(e) = self.spawn_worker(token) {
-                tracing::error!(error = %e, "cannot prepare a worker");
-                self.note_failure(token, &format!("cannot prepare a worker: {e}"));
-                return;
+            match self.spawn_worker(token) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // No channel in stock: the slot is filled when channels arrive.
+                    if !self.awaiting_channels.contains(&token) {
+                        self.awaiting_channels.push(token);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot prepare a worker");
+                    self.note_failure(token, &format!("cannot prepare a worker: {e}"));
+                    return;
+                }
             }
         }
     }
 
-    fn spawn_worker(&mut self, token: u64) -> std::io::Result<()> {
-        let Some(t) = self.tokens.get_mut(&token) else { return Ok(()) };
-        let log = t.entry.log;
-        let shm_size = t.entry.shm;
-        // With a runner pidfd the runner makes the channel (see `on_channels`);
-        // otherwise it is made here and its worker end goes with the order.
-        let runner_channel = self.runner.is_some();
-        let mut host_end = None;
-        let mut fds = Vec::new();
-        if !runner_channel {
-            let (host, runner_end) = fdpass::stream_pair()?;
-            host_end = Some(Arc::new(host));
-            fds.push(runner_end);
-        }
+    /// Starts one worker for `token`; false when it must wait for channels from
+    /// the runner (none in stock; more were asked for).
+    fn spawn_worker(&mut self, token: u64) -> std::io::Result<bool> {
+        let Some(t) = self.tokens.get(&token) else { return Ok(true) };
+        let (log, shm_size) = (t.entry.log, t.entry.shm);
+        // The fds that follow the channel: log memfds, shared-memory region.
+        let mut extra = Vec::new();
         let logs = if log {
             let out = memfd(c"roma-stdout")?;
             let err = memfd(c"roma-stderr")?;
-            fds.push(out.try_clone()?);
-            fds.push(err.try_clone()?);
+            extra.push(out.try_clone()?);
+            extra.push(err.try_clone()?);
             Some((out, err))
         } else {
             None
@@ -741,23 +763,42 @@ impl Reactor {
         let shm = match shm_size {
             Some(size) => {
                 let region = self.config.shm_pool.take(size)?;
-                fds.push(region.region().fd().try_clone()?);
+                extra.push(region.region().fd().try_clone()?);
                 Some((region, 0))
             }
             None => None,
         };
+        // With a runner pidfd the channel comes from the runner's stock (see
+        // `on_channels`); otherwise it is made here and its worker end goes first
+        // with the order.
+        let mut fds = Vec::new();
+        let (channel, host_end) = if self.runner.is_some() {
+            if self.channel_stock.len() <= CHANNEL_LOW_WATER {
+                self.request_channels();
+            }
+            match self.channel_stock.pop() {
+                Some((id, host)) => (id, host),
+                None => return Ok(false),
+            }
+        } else {
+            let (host, runner_end) = fdpass::stream_pair()?;
+            fds.push(runner_end);
+            (0, host)
+        };
+        fds.extend(extra);
+        let Some(t) = self.tokens.get_mut(&token) else { return Ok(true) };
         t.live += 1;
         let worker_id = self.next_worker_id;
         self.next_worker_id += 1;
         let shm_on = shm.is_some();
-        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on, runner_channel }), fds);
+        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on, channel }), fds);
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1) & 0xff_ffff;
         let conn = WorkerConn {
             worker_id,
             token,
             gen,
-            fd: host_end,
+            fd: Some(Arc::new(host_end)),
             state: WState::Spawning,
             buf: vec![0u8; RECV_CHUNK],
             filled: 0,
@@ -784,40 +825,53 @@ impl Reactor {
             }
         };
         self.by_worker_id.insert(worker_id, key);
-        if !runner_channel {
-            self.post_worker_recv(key, 1, true);
-        }
-        Ok(())
+        self.post_worker_recv(key, 1, true);
+        Ok(true)
     }
 
-    /// The runner made these workers' channels: take each host end from its
-    /// descriptor table and wait for the worker's ready byte; tell the runner to
-    /// close its copies (workers that are gone meanwhile included).
-    fn on_channels(&mut self, channels: Channels) {
-        for ch in channels.channels {
-            self.taken.push(ch.fd);
-            let Some(&key) = self.by_worker_id.get(&ch.worker_id) else { continue };
-            let waiting = self.worker(key).is_some_and(|w| w.state == WState::Spawning && w.fd.is_none() && w.exited.is_none());
-            if !waiting {
+    /// Asks the runner for a batch of channels unless one is on its way.
+    fn request_channels(&mut self) {
+        if self.runner.is_some() && !self.channels_requested && !self.runner_dead {
+            self.channels_requested = true;
+            self.ctl_out.push(host_to_runner::Msg::MakeChannels(MakeChannels { count: CHANNEL_BATCH }), Vec::new());
+        }
+    }
+
+    /// The runner made channels: take each host end from its descriptor table into
+    /// the stock, and tell the runner to close its copies. If none could be had,
+    /// this shard falls back to making channels itself.
+    fn on_channels(&mut self, report: Channels) {
+        self.channels_requested = false;
+        let mut taken = ChannelsTaken::default();
+        let mut failure = (!report.error.is_empty()).then(|| format!("the runner could not make channels: {}", report.error));
+        for ch in report.channels {
+            taken.fds.push(ch.fd);
+            if self.runner.is_none() {
+                taken.unused.push(ch.id);
                 continue;
             }
             match self.take_from_runner(ch.fd) {
-                Ok(fd) => {
-                    if let Some(w) = self.worker(key) {
-                        w.fd = Some(Arc::new(fd));
-                    }
-                    self.post_worker_recv(key, 1, true);
-                }
+                Ok(fd) => self.channel_stock.push((ch.id, fd)),
                 Err(e) => {
-                    // The worker reads end-of-file once the runner closes its end.
-                    tracing::error!(error = %e, fd = ch.fd, "cannot take a worker's channel from the runner");
-                    self.on_worker_exit(key, 0, Some(format!("its channel could not be taken from the runner: {e}")));
+                    taken.unused.push(ch.id);
+                    failure = Some(format!("cannot take a channel from the runner (pidfd_getfd): {e}"));
                 }
             }
         }
-        if !self.taken.is_empty() {
-            let fds = std::mem::take(&mut self.taken);
-            self.ctl_out.push(host_to_runner::Msg::ChannelsTaken(ChannelsTaken { fds }), Vec::new());
+        if !taken.fds.is_empty() {
+            self.ctl_out.push(host_to_runner::Msg::ChannelsTaken(taken), Vec::new());
+        }
+        if let Some(why) = failure {
+            if self.channel_stock.is_empty() && self.runner.is_some() {
+                tracing::warn!(shard = self.config.index, error = %why, "worker channels are made here and sent with each spawn order from now on");
+                self.runner = None;
+            }
+        }
+        // Slots that waited for a channel.
+        for token in std::mem::take(&mut self.awaiting_channels) {
+            if !self.refills.contains(&token) {
+                self.refills.push(token);
+            }
         }
     }
 

@@ -460,11 +460,12 @@ struct ConnThread {
     spawner: Spawner,
     /// Why this connection starts no worker (its seccomp gate is missing).
     refuse: Option<String>,
-    /// Host ends of the channels this thread made (`Spawn::runner_channel`), by fd
-    /// number, until the host says it has taken them (`ChannelsTaken`).
+    /// Host ends of the channels this thread made (`MakeChannels`), by fd number,
+    /// until the host says it has taken them (`ChannelsTaken`).
     host_ends: HashMap<RawFd, OwnedFd>,
-    /// Channels made since the last report to the host.
-    made: Vec<Channel>,
+    /// Worker ends of those channels, by channel id, until a spawn uses them.
+    worker_ends: HashMap<u64, OwnedFd>,
+    next_channel: u64,
 }
 
 impl ConnThread {
@@ -480,7 +481,8 @@ impl ConnThread {
             spawner,
             refuse: None,
             host_ends: HashMap::new(),
-            made: Vec::new(),
+            worker_ends: HashMap::new(),
+            next_channel: 1,
         }
     }
 
@@ -532,13 +534,6 @@ impl ConnThread {
             if n == 0 || !self.take(&buf[..n]) {
                 break;
             }
-            // One report for the channels made from this batch of orders.
-            if !self.made.is_empty() {
-                let msg = runner_to_host::Msg::Channels(Channels { channels: std::mem::take(&mut self.made) });
-                if !self.shared.send(self.idx, msg) {
-                    break;
-                }
-            }
         }
         self.close();
     }
@@ -584,6 +579,7 @@ impl ConnThread {
         self.binaries.clear();
         self.fds.clear();
         self.host_ends.clear();
+        self.worker_ends.clear();
     }
 
     fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), String> {
@@ -610,32 +606,42 @@ impl ConnThread {
                     kill_worker(*pid);
                 }
             }
+            host_to_runner::Msg::MakeChannels(make) => {
+                let mut report = Channels::default();
+                for _ in 0..make.count.min(MAX_CHANNELS_PER_ORDER) {
+                    match make_channel() {
+                        Ok((host, worker)) => {
+                            let id = self.next_channel;
+                            self.next_channel += 1;
+                            let fd = host.as_raw_fd();
+                            self.host_ends.insert(fd, host);
+                            self.worker_ends.insert(id, worker);
+                            report.channels.push(Channel { id, fd });
+                        }
+                        Err(e) => {
+                            report.error = format!("socketpair: {e}");
+                            break;
+                        }
+                    }
+                }
+                if !self.shared.send(self.idx, runner_to_host::Msg::Channels(report)) {
+                    return Err("control connection closed".into());
+                }
+            }
             host_to_runner::Msg::ChannelsTaken(taken) => {
-                // Only fds this thread handed out are closed, whatever the host says.
+                // Only ends this thread made are closed, whatever the host says.
                 for fd in taken.fds {
                     self.host_ends.remove(&fd);
                 }
+                for id in taken.unused {
+                    self.worker_ends.remove(&id);
+                }
             }
             host_to_runner::Msg::Spawn(sp) => {
-                let (channel, host_end) = if sp.runner_channel {
-                    match make_channel() {
-                        Ok((host, worker)) => (worker, Some(host)),
-                        Err(e) => {
-                            let error = format!("cannot make the worker's channel: socketpair: {e}");
-                            let msg = runner_to_host::Msg::SpawnFailed(SpawnFailed { worker_id: sp.worker_id, error });
-                            if !self.shared.send(self.idx, msg) {
-                                return Err("control connection closed".into());
-                            }
-                            // Its log and shared-memory fds still follow in the queue.
-                            let extra = 2 * usize::from(sp.log) + usize::from(sp.shm);
-                            for _ in 0..extra {
-                                self.fds.pop_front().ok_or("Spawn without its log or shared-memory fds")?;
-                            }
-                            return Ok(());
-                        }
-                    }
+                let channel = if sp.channel != 0 {
+                    self.worker_ends.remove(&sp.channel).ok_or_else(|| format!("Spawn names unknown channel {}", sp.channel))?
                 } else {
-                    (self.fds.pop_front().ok_or("Spawn without its channel fd")?, None)
+                    self.fds.pop_front().ok_or("Spawn without its channel fd")?
                 };
                 let logs = if sp.log {
                     let out = self.fds.pop_front().ok_or("Spawn without its stdout fd")?;
@@ -686,14 +692,9 @@ impl ConnThread {
                             }
                         };
                         if let Some(status) = early {
-                            // Already gone: its channel's host end is of no use.
                             let mut bytes = Vec::new();
                             Shared::exited(sp.worker_id, status, &mut bytes);
                             self.shared.send_frames(self.idx, &bytes);
-                        } else if let Some(host) = host_end {
-                            let fd = host.as_raw_fd();
-                            self.host_ends.insert(fd, host);
-                            self.made.push(Channel { worker_id: sp.worker_id, fd });
                         }
                     }
                     Err(error) => {
@@ -709,7 +710,10 @@ impl ConnThread {
     }
 }
 
-/// A worker's channel made here (`Spawn::runner_channel`): a connected Unix stream
+/// Most channels one `MakeChannels` order makes (the host asks for a few dozen).
+const MAX_CHANNELS_PER_ORDER: u32 = 256;
+
+/// A worker's channel made here (`MakeChannels`): a connected Unix stream
 /// socket pair, both ends close-on-exec, as (host end, worker end). Through the
 /// seccomp gate: `socketpair` carries the key on connection threads.
 fn make_channel() -> io::Result<(OwnedFd, OwnedFd)> {
