@@ -206,10 +206,11 @@ pub(super) struct Reactor {
 }
 
 /// Channels asked of the runner at a time (per shard), and the stock below which
-/// the next batch is asked for. Small on purpose: the runner holds the stock's
-/// worker ends in its descriptor table, which every worker's clone copies and
-/// every exec then closes (a stock of 32-48 made each spawn ~20 µs dearer in the
-/// runner); one order per 2 spawns costs more in messages and wake-ups.
+/// the next batch is asked for. Measured (BENCHMARKS.md): batches of 32 (stock up
+/// to 48) cost the runner's connection threads 14-23 % more CPU, most of it in the
+/// workers' clone and exec (the stock's worker ends sit in the runner's
+/// descriptor table that each clone copies: the suspected cause, not confirmed);
+/// batches of 2 cost more in messages and wake-ups than 4 or 8.
 const CHANNEL_BATCH: u32 = 8;
 const CHANNEL_LOW_WATER: usize = 3;
 
