@@ -14,7 +14,7 @@ use roma_byob::{Code, Config, Engine, ExecuteOptions, Mode};
 
 fn fds_of(pid: &str) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
         .flatten()
         .map(|e| std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default())
         .collect()
@@ -61,6 +61,12 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
         }
         e.delete(&early).unwrap();
         std::thread::sleep(Duration::from_millis(300));
+        if !am_root {
+            // The runner is not dumpable for other users: its /proc/PID/fd is closed.
+            eprintln!("SKIP the runner's descriptor checks: not root");
+            e.shutdown();
+            continue;
+        }
 
         // No socket is open in both: the runner closed every host end the engine took.
         let runner_fds = fds_of(&runner);
