@@ -17,6 +17,9 @@
 //!    capability, set no_new_privs, mark fds close-on-exec. No seccomp filter: the
 //!    engine's workers inherit theirs and load none. (The engine's child also makes a
 //!    few `dup2`s and `prctl(PR_SET_PDEATHSIG)`, a few µs more.)
+//! 5. `4 without the user namespace`: what a per-worker user namespace costs
+//!    (needs CAP_SYS_ADMIN: root). Not a recipe the engine may use as is: see
+//!    BENCHMARKS.md, fifth session, for what replacing it would take.
 //!
 //! For each recipe: N spawns in one thread pinned to the first allowed core (µs per
 //! spawn, wall time, p50/p99), then N spawns in each of one thread per allowed core,
@@ -28,7 +31,7 @@
 //! running on the machine.
 //!
 //! `cargo run --release --example spawn_floor [-- --spawns N] [--recipe NAME]`
-//! (N per thread, default 4000; NAME one of fork, vfork, ns, worker).
+//! (N per thread, default 4000; NAME one of fork, vfork, ns, worker, worker-no-userns).
 
 #[cfg(target_arch = "x86_64")]
 mod floor {
@@ -128,7 +131,7 @@ mod floor {
 
     const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWUTS;
 
-    const RECIPES: [Recipe; 4] = [
+    const RECIPES: [Recipe; 5] = [
         Recipe {
             name: "fork",
             label: "fork + exec",
@@ -155,6 +158,14 @@ mod floor {
             label: "+ capset, no_new_privs, close_range",
             kind: Kind::Vfork {
                 flags: NAMESPACES,
+                harden: true,
+            },
+        },
+        Recipe {
+            name: "worker-no-userns",
+            label: "4 without the user namespace",
+            kind: Kind::Vfork {
+                flags: libc::CLONE_NEWPID | libc::CLONE_NEWUTS,
                 harden: true,
             },
         },
