@@ -66,6 +66,12 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let t0 = Instant::now();
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
     println!("  sandbox start: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    let channels = if engine.runner_makes_channels() {
+        "made by the runner, taken with pidfd_getfd"
+    } else {
+        "made by the engine threads, sent with each spawn order"
+    };
+    println!("  worker channels: {channels}");
     for w in engine.isolation_warnings() {
         println!("  isolation step not applied in this mode: {w}");
     }
