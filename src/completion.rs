@@ -58,18 +58,65 @@ pub(crate) struct RawOutcome {
 
 pub(crate) type RawResult = Result<RawOutcome>;
 
-/// Where a result goes.
-pub(crate) enum Sink {
+/// Where a result goes. Once queued for an engine thread (`arm`), a sink that is
+/// dropped without `complete` (an engine bug, such as a panic halfway through
+/// handling the execution) still answers, with `Internal`: every execution
+/// completes exactly once. Before that, dropping it says nothing: the submitting
+/// call reports the error itself.
+pub(crate) struct Sink {
+    target: Option<Target>,
+    armed: bool,
+}
+
+enum Target {
     Channel(oneshot::Sender<RawResult>),
     Callback(Box<dyn FnOnce(RawResult) + Send>),
 }
 
 impl Sink {
-    pub(crate) fn complete(self, result: RawResult) {
+    pub(crate) fn channel(tx: oneshot::Sender<RawResult>) -> Sink {
+        Sink { target: Some(Target::Channel(tx)), armed: false }
+    }
+
+    pub(crate) fn callback(f: Box<dyn FnOnce(RawResult) + Send>) -> Sink {
+        Sink { target: Some(Target::Callback(f)), armed: false }
+    }
+
+    /// From now on the execution must be answered, by `complete` or by the drop.
+    pub(crate) fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    /// A caller waits on a channel (rather than a callback).
+    pub(crate) fn is_channel(&self) -> bool {
+        matches!(self.target, Some(Target::Channel(_)))
+    }
+
+    pub(crate) fn complete(mut self, result: RawResult) {
+        if let Some(target) = self.target.take() {
+            target.complete(result);
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(target) = self.target.take() {
+            tracing::error!("an execution was dropped without an answer (an engine bug); it fails with Internal");
+            target.complete(Err(crate::Error::Internal("the engine dropped this execution without an answer (a bug; see the log)".into())));
+        }
+    }
+}
+
+impl Target {
+    fn complete(self, result: RawResult) {
         match self {
             // The receiver may have been dropped: the caller stopped waiting.
-            Sink::Channel(tx) => drop(tx.send(result)),
-            Sink::Callback(f) => {
+            Target::Channel(tx) => drop(tx.send(result)),
+            Target::Callback(f) => {
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))).is_err() {
                     tracing::error!("an execute callback panicked; the engine keeps running");
                 }

@@ -43,6 +43,12 @@ pub struct Engine {
     runner_channels: bool,
 }
 
+/// Execution metadata key that injects a fault (tests only; see
+/// [`Engine::inject_engine_panic`]).
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub const FAULT_KEY: &str = "roma-byob-fault";
+
 impl Engine {
     /// Starts the sandbox (the runner) and one io_uring thread per configured core.
     pub fn new(config: Config) -> Result<Engine> {
@@ -244,7 +250,7 @@ impl Engine {
         Resp: prost::Message + Default,
     {
         let (tx, rx) = oneshot::channel();
-        let id = self.submit_message(token, request, options, Sink::Channel(tx))?;
+        let id = self.submit_message(token, request, options, Sink::channel(tx))?;
         let spin = self.spin_for(&id);
         Ok(Execution::new(id, rx, completion::decode_message::<Resp>, spin))
     }
@@ -260,7 +266,7 @@ impl Engine {
         };
         let place = |region: &Region| region.put_request(request).map(|()| request.len());
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, || request.len(), place, frame, options, Sink::Channel(tx))?;
+        let id = self.submit(token, || request.len(), place, frame, options, Sink::channel(tx))?;
         let spin = self.spin_for(&id);
         Ok(Execution::new(id, rx, completion::decode_raw, spin))
     }
@@ -281,7 +287,7 @@ impl Engine {
         Resp: prost::Message + Default,
         F: FnOnce(Result<Response<Resp>>) + Send + 'static,
     {
-        let sink = Sink::Callback(Box::new(move |raw: RawResult| {
+        let sink = Sink::callback(Box::new(move |raw: RawResult| {
             callback(completion::finish(raw, completion::decode_message::<Resp>))
         }));
         self.submit_message(token, request, options, sink)
@@ -316,7 +322,9 @@ impl Engine {
 
     /// Makes the engine thread of `shard` (an index into `Config::cores`) panic, as a
     /// bug would: for tests of what the engine does then. Built only with the
-    /// `fault-injection` feature.
+    /// `fault-injection` feature (so is the execution metadata key [`FAULT_KEY`]:
+    /// `"panic-in-execute"` makes the engine thread panic while it handles that
+    /// execution).
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fn inject_engine_panic(&self, shard: usize) {

@@ -29,6 +29,9 @@ pub mod udf_runner;
 pub use completion::{Execution, Logs, Metrics, Response};
 pub use config::{Config, ExecuteOptions, LoadOptions, MemoryLimit, Mode, SyscallFilter};
 pub use engine::Engine;
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub use engine::FAULT_KEY;
 pub use error::{Code, Error, Result};
 pub use host_api::{HostCallContext, HostFuture, HostResult};
 pub use token::{CodeToken, ExecutionToken};

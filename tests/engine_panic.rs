@@ -133,3 +133,35 @@ fn with_its_only_engine_thread_failed_an_engine_answers_every_execution_with_an_
         shut_down(e);
     }
 }
+
+#[test]
+fn an_execution_held_by_a_panicking_engine_thread_is_answered_once() {
+    for mode in modes() {
+        let e = engine_on(mode, 2);
+        let t = load(&e, "hello_world", 2);
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{mode:?}");
+        // The engine thread panics while the execution is in its hands, outside any
+        // table: the answer comes from the execution's own guard.
+        let mut o = opts();
+        o.metadata.insert(roma_byob::FAULT_KEY.to_string(), "panic-in-execute".to_string());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let c = calls.clone();
+        e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), o, move |r| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.send(r.map(|_| ()));
+        })
+        .unwrap();
+        let err = rx.recv_timeout(Duration::from_secs(10)).expect("the execution is answered").unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{mode:?}: {err}");
+        // The same through `wait`.
+        let mut o = opts();
+        o.metadata.insert(roma_byob::FAULT_KEY.to_string(), "panic-in-execute".to_string());
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{mode:?}: {err}");
+        // Whatever shard is left keeps serving; the engine still shuts down.
+        let _ = hello(&e, &t);
+        shut_down(e);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "{mode:?}: the callback ran exactly once");
+    }
+}

@@ -181,8 +181,12 @@ impl ShardShared {
         }
     }
 
-    /// Queues `cmd`, or gives it back with the reason if the shard has failed.
-    fn enqueue(&self, cmd: Cmd) -> Option<(Cmd, Arc<str>)> {
+    /// Queues `cmd`, or gives it back with the reason if the shard has failed. An
+    /// execution's sink is armed here: from now on it is answered whatever happens.
+    fn enqueue(&self, mut cmd: Cmd) -> Option<(Cmd, Arc<str>)> {
+        if let Cmd::Execute(req) = &mut cmd {
+            req.sink.arm();
+        }
         let mut q = self.lock_queue();
         match &q.closed {
             Some(why) => Some((cmd, why.clone())),

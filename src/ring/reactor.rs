@@ -573,6 +573,12 @@ impl Reactor {
 
     fn execute(&mut self, req: ExecRequest) {
         let ExecRequest { id, token, metadata, mut frame, worker_wait_timeout, timeout, sink, submitted, claim } = req;
+        // Tests only: a bug that strikes while this thread holds the execution's sink
+        // outside any table.
+        #[cfg(feature = "fault-injection")]
+        if metadata.get(crate::engine::FAULT_KEY).map(String::as_str) == Some("panic-in-execute") {
+            panic!("injected while handling execution {id}");
+        }
         if let Some(why) = &self.runner_fatal {
             sink.complete(Err(Error::Unavailable(why.clone())));
             return;
@@ -1717,7 +1723,7 @@ impl Reactor {
                 }
             }
             if let Some(sink) = exec.sink.take() {
-                self.woke_waiter |= matches!(sink, Sink::Channel(_));
+                self.woke_waiter |= sink.is_channel();
                 sink.complete(result);
             }
         }
