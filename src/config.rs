@@ -161,8 +161,9 @@ pub struct Config {
     /// linked UDFs): directories or single files. Symlinks are followed; missing
     /// paths are skipped with a warning. The default includes the dynamic loader's
     /// cache, `/etc/ld.so.cache` (alone: nothing else of `/etc`): without it glibc's
-    /// loader probes about 20 paths per library before it finds it, each a syscall
-    /// (~20-30 µs per glibc worker natively, a gVisor syscall each in gVisor modes).
+    /// loader makes 18-19 failed path probes per worker before it finds its first
+    /// library, each a syscall (~20-30 µs per glibc worker natively, a gVisor
+    /// syscall each in gVisor modes).
     pub lib_mounts: Vec<PathBuf>,
     pub memory_limit: Option<MemoryLimit>,
     /// Path of the `roma-byob-runner` binary. `None`: `$ROMA_BYOB_RUNNER`, then next
