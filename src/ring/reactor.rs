@@ -207,7 +207,7 @@ pub(super) struct Reactor {
 
 /// Channels asked of the runner at a time (per shard), and the stock below which
 /// the next batch is asked for. Measured (BENCHMARKS.md): batches of 32 (stock up
-/// to 48) cost the runner's connection threads 14-23 % more CPU, most of it in the
+/// to 48) cost the runner's connection threads 13-23 % more CPU, most of it in the
 /// workers' clone and exec (the stock's worker ends sit in the runner's
 /// descriptor table that each clone copies: the suspected cause, not confirmed);
 /// batches of 2 cost more in messages and wake-ups than 4 or 8.
@@ -430,9 +430,8 @@ impl Reactor {
     /// Handles every queued command. Also called before the shard acts on anything
     /// an idle worker did: a caller queues a handed-over execution before it writes
     /// the request, so after this the shard knows every execution whose request may
-    /// have reached the worker.
-    /// Handles the queued commands in order. Those not handled yet stay in
-    /// `cmd_buf` (in reverse order), so that after a panic none is lost (see
+    /// have reached the worker. Commands not handled yet stay in `cmd_buf` (in
+    /// reverse order), so that after a panic none is lost (see
     /// [`Reactor::take_unhandled`]).
     fn drain_commands(&mut self) {
         let mut cmds = std::mem::take(&mut self.cmd_buf);
@@ -549,16 +548,17 @@ impl Reactor {
             return;
         }
         self.ctl = ctl;
-        self.runner = runner;
-        // Channels of the old runner lead nowhere.
-        self.channel_stock.clear();
-        self.channels_requested = false;
-        self.request_channels();
         self.epoch = epoch;
         self.ctl_out = CtlOut::default();
         self.ctl_decoder = frame::Decoder::default();
         self.runner_dead = false;
         self.post_ctl_recv();
+        // Channels of the old runner lead nowhere; the new one makes a first batch
+        // (queued on the fresh control queue, before the loads and spawns below).
+        self.runner = runner;
+        self.channel_stock.clear();
+        self.channels_requested = false;
+        self.request_channels();
         let entries: Vec<Arc<TokenEntry>> = self.tokens.values().map(|t| t.entry.clone()).collect();
         for entry in entries {
             self.send_load(&entry);
