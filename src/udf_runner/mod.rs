@@ -710,7 +710,7 @@ impl ConnThread {
     }
 }
 
-/// Most channels one `MakeChannels` order makes (the host asks for a few dozen).
+/// Most channels one `MakeChannels` order makes (the host asks for 8 at a time).
 const MAX_CHANNELS_PER_ORDER: u32 = 256;
 
 /// A worker's channel made here (`MakeChannels`): a connected Unix stream
