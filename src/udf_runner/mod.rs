@@ -551,12 +551,16 @@ impl ConnThread {
                 }
             };
             match msg {
-                Ok(HostToRunner { msg: Some(m) }) => {
-                    if let Err(e) = self.handle(m) {
+                Ok(HostToRunner { msg: Some(m) }) => match self.handle(m) {
+                    Ok(()) => {}
+                    // The engine side closed while this thread answered it (shutdown):
+                    // nothing to report.
+                    Err(Stop::Closed) => return false,
+                    Err(Stop::Protocol(e)) => {
                         eprintln!("roma-byob-runner: control protocol error: {e}");
                         return false;
                     }
-                }
+                },
                 Ok(HostToRunner { msg: None }) | Err(_) => {
                     eprintln!("roma-byob-runner: undecodable control message");
                     return false;
@@ -582,7 +586,7 @@ impl ConnThread {
         self.worker_ends.clear();
     }
 
-    fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), String> {
+    fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), Stop> {
         match msg {
             host_to_runner::Msg::Load(load) => {
                 let mut fd = self.fds.pop_front().ok_or("Load without its binary fd")?;
@@ -625,7 +629,7 @@ impl ConnThread {
                     }
                 }
                 if !self.shared.send(self.idx, runner_to_host::Msg::Channels(report)) {
-                    return Err("control connection closed".into());
+                    return Err(Stop::Closed);
                 }
             }
             host_to_runner::Msg::ChannelsTaken(taken) => {
@@ -700,13 +704,33 @@ impl ConnThread {
                     Err(error) => {
                         let msg = runner_to_host::Msg::SpawnFailed(SpawnFailed { worker_id: sp.worker_id, error });
                         if !self.shared.send(self.idx, msg) {
-                            return Err("control connection closed".into());
+                            return Err(Stop::Closed);
                         }
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Why a connection thread stops reading its control connection.
+enum Stop {
+    /// The engine side is gone (a send failed): a normal shutdown.
+    Closed,
+    /// The engine broke the protocol.
+    Protocol(String),
+}
+
+impl From<String> for Stop {
+    fn from(why: String) -> Self {
+        Stop::Protocol(why)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(why: &str) -> Self {
+        Stop::Protocol(why.to_string())
     }
 }
 
