@@ -182,6 +182,14 @@ impl Engine {
         self.runner_channels
     }
 
+    /// Worker processes started and not yet reported exited, over all engine
+    /// threads: idle and busy workers, and those that answered and have not exited
+    /// yet. A worker still running when its execution's timeout passes is killed,
+    /// so this stays near the pools' size whatever the UDF does.
+    pub fn live_workers(&self) -> usize {
+        self.shards.iter().map(|s| s.shared.live_workers.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
     /// Isolation steps the sandbox reported it could not apply (also logged).
     pub fn isolation_warnings(&self) -> &[String] {
         &self.warnings

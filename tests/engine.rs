@@ -187,6 +187,28 @@ fn execution_timeout_kills_the_worker() {
 }
 
 #[test]
+fn a_worker_that_outlives_its_execution_is_killed_at_the_timeout() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "linger_after_response", 2);
+        let o = ExecuteOptions { timeout: Duration::from_millis(300), ..opts() };
+        for _ in 0..6 {
+            let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o.clone()).unwrap().wait();
+            assert_eq!(r.unwrap().response.greeting, "Hello, world!", "{mode:?}");
+        }
+        // Each answered and kept running; each is killed when its execution's
+        // timeout passes, leaving the pool of 2.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut live = e.live_workers();
+        while live > 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            live = e.live_workers();
+        }
+        assert_eq!(live, 2, "{mode:?}: worker processes left after their executions' timeouts");
+    }
+}
+
+#[test]
 fn worker_wait_timeout() {
     for mode in modes() {
         let e = engine(mode);

@@ -132,6 +132,8 @@ pub(crate) struct ShardShared {
     failed: AtomicBool,
     /// The shard is blocked (or about to block) in io_uring_enter.
     sleeping: AtomicBool,
+    /// Worker processes this shard started whose exit it has not learnt yet.
+    pub live_workers: AtomicUsize,
     /// While sleeping: when the shard wakes by itself (ns after `clock_base`).
     wakes_at: AtomicU64,
     clock_base: Instant,
@@ -300,6 +302,7 @@ impl ShardHandle {
             runner_dead: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
+            live_workers: AtomicUsize::new(0),
             wakes_at: AtomicU64::new(u64::MAX),
             clock_base: Instant::now(),
             events,

@@ -151,7 +151,9 @@ enum ResponseBody {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     WorkerWait(u64),
-    Deadline(u64),
+    /// An execution's timeout, with the worker it runs on (key, generation): the
+    /// timeout bounds the worker's life too, even after the execution completed.
+    Deadline(u64, u32, u32),
     Respawn(u64),
 }
 
@@ -832,6 +834,7 @@ impl Reactor {
             }
         };
         self.by_worker_id.insert(worker_id, key);
+        self.shared.live_workers.fetch_add(1, Ordering::Relaxed);
         self.post_worker_recv(key, 1, true);
         Ok(true)
     }
@@ -951,7 +954,7 @@ impl Reactor {
         let Some(w) = self.worker(key) else { return };
         w.state = WState::Busy;
         w.exec = Some(exec_id);
-        let token = w.token;
+        let (token, gen) = (w.token, w.gen);
         let (idle_left, entry) = match self.tokens.get(&token) {
             Some(t) => (t.idle.len(), Some(t.entry.clone())),
             None => (0, None),
@@ -967,7 +970,7 @@ impl Reactor {
         // A handed-over execution's clock started when the caller claimed the worker
         // (the shard may learn of it later).
         let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
-        self.timers.push(Reverse((deadline, Timer::Deadline(exec_id))));
+        self.timers.push(Reverse((deadline, Timer::Deadline(exec_id, key, gen))));
         if let Some(at) = exec.handed {
             // The caller writes the request (or rings the doorbell) itself.
             exec.sent = Some(at);
@@ -1094,6 +1097,7 @@ impl Reactor {
             self.workers[key as usize] = None;
             self.by_worker_id.remove(&worker_id);
             self.free.push(key);
+            self.shared.live_workers.fetch_sub(1, Ordering::Relaxed);
         } else if w.state == WState::Finished && w.inflight == 0 {
             // Close the socket now (batched into the next submit); keep the record for
             // the exit report.
@@ -1756,8 +1760,11 @@ impl Reactor {
                         ))),
                     );
                 }
-                Timer::Deadline(id) => {
-                    let Some(e) = self.execs.get(&id) else { continue };
+                Timer::Deadline(id, key, gen) => {
+                    let Some(e) = self.execs.get(&id) else {
+                        self.kill_lingering(key, gen);
+                        continue;
+                    };
                     let (Some(key), Some(d)) = (e.worker, e.dispatched) else { continue };
                     if d + e.timeout > now {
                         continue;
@@ -1788,6 +1795,20 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// The timeout of an execution that completed has passed: if its worker has
+    /// still not exited (it answered, then kept running: the host closing the
+    /// socket does not stop a UDF that ignores it), it is killed, so an untrusted
+    /// binary cannot pile up processes beyond the pool.
+    fn kill_lingering(&mut self, key: u32, gen: u32) {
+        let Some(w) = self.worker(key) else { return };
+        if w.gen != gen || w.exited.is_some() || w.exec.is_some() {
+            return;
+        }
+        let worker = w.worker_id;
+        tracing::debug!(shard = self.config.index, worker, "a worker outlived its execution's timeout; killing it");
+        self.kill_worker(key);
     }
 
     // ----- failure of the whole shard ------------------------------------------
