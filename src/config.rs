@@ -179,6 +179,12 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Threads running host functions (Host API callbacks).
     pub host_api_threads: usize,
+    /// A worker that has not written its ready byte this long after its spawn
+    /// order is killed and counted as a start-up failure (the slot respawns with
+    /// back-off, and the oldest queued execution of its code token fails with the
+    /// reason). Without it a UDF that hangs before its ready byte would hold its
+    /// pool slot for ever.
+    pub worker_start_timeout: Duration,
 }
 
 impl Default for Config {
@@ -204,6 +210,7 @@ impl Default for Config {
             max_response_bytes: 64 << 20,
             max_log_bytes: 1 << 20,
             host_api_threads: 2,
+            worker_start_timeout: Duration::from_secs(10),
         }
     }
 }

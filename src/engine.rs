@@ -104,6 +104,7 @@ impl Engine {
                 core: Some(*core),
                 sqpoll_idle: config.sqpoll_idle,
                 busy_poll: config.busy_poll,
+                worker_start_timeout: config.worker_start_timeout,
                 batch_wait: config.batch_wait,
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
                 max_response_bytes: config.max_response_bytes,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
-use roma_byob::{Code, ExecuteOptions, LoadOptions};
+use roma_byob::{Code, Config, Engine, ExecuteOptions, LoadOptions};
 
 #[test]
 fn load_and_execute_hello_world() {
@@ -205,6 +205,39 @@ fn a_worker_that_outlives_its_execution_is_killed_at_the_timeout() {
             live = e.live_workers();
         }
         assert_eq!(live, 2, "{mode:?}: worker processes left after their executions' timeouts");
+    }
+}
+
+#[test]
+fn a_worker_that_never_signals_readiness_is_killed_at_the_start_timeout() {
+    for mode in modes() {
+        let config = Config { mode, worker_start_timeout: Duration::from_millis(300), ..Default::default() };
+        let e = Engine::new(config).unwrap();
+        let t = load(&e, "never_ready", 2);
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
+        assert!(err.message().contains("did not signal readiness within 300 ms"), "{mode:?}: {err}");
+        // Killed workers do not pile up: the pool's 2 slots respawn with back-off,
+        // plus at most one killed worker per slot whose exit is not reported yet.
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(e.live_workers() <= 4, "{mode:?}: {} worker processes", e.live_workers());
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_closes_its_channel_and_keeps_running_is_killed() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "close_before_ready", 1);
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
+        assert!(err.message().contains("closed its channel before its request and kept running"), "{mode:?}: {err}");
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(e.live_workers() <= 2, "{mode:?}: {} worker processes", e.live_workers());
+        }
     }
 }
 

@@ -117,6 +117,8 @@ pub(crate) struct ShardConfig {
     pub batch_wait: Duration,
     pub batch_min_in_flight: usize,
     pub max_response_bytes: usize,
+    /// See `Config::worker_start_timeout`.
+    pub worker_start_timeout: Duration,
     pub host_api: Arc<crate::host_api::HostApi>,
     /// Where shared-memory regions come from and go back to (wiped) after use.
     pub shm_pool: Arc<crate::ipc::shm::ShmPool>,

@@ -155,7 +155,17 @@ enum Timer {
     /// timeout bounds the worker's life too, even after the execution completed.
     Deadline(u64, u32, u32),
     Respawn(u64),
+    /// A worker (key, generation) must have written its ready byte by now.
+    StartBy(u32, u32),
+    /// A worker (key, generation) closed its channel before its request: it must
+    /// have exited by now.
+    ExitBy(u32, u32),
 }
+
+/// How long a worker that closed its channel before its request may take to exit
+/// (a crash before the ready byte closes the channel a moment before the runner
+/// reports the exit, which names the cause) before it is killed.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct Reactor {
     ring: IoUring,
@@ -835,6 +845,8 @@ impl Reactor {
         };
         self.by_worker_id.insert(worker_id, key);
         self.shared.live_workers.fetch_add(1, Ordering::Relaxed);
+        let start_by = super::deadline_after(Instant::now(), self.config.worker_start_timeout);
+        self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
         self.post_worker_recv(key, 1, true);
         Ok(true)
     }
@@ -1350,6 +1362,7 @@ impl Reactor {
         let Some(w) = self.worker(key) else { return };
         let state = w.state;
         if res <= 0 {
+            let (w_exited, w_gen) = (w.exited, w.gen);
             if res < 0 && w.failure.is_none() && state == WState::Busy {
                 w.failure = Some(format!("channel error: {}", std::io::Error::from_raw_os_error(-res)));
             } else if res == 0 && w.failure.is_none() && state == WState::Busy {
@@ -1358,6 +1371,10 @@ impl Reactor {
             // EOF or error: the exit report from the runner completes the story.
             if state == WState::Idle {
                 self.remove_idle(key);
+            }
+            if matches!(state, WState::Spawning | WState::Idle) && w_exited.is_none() {
+                // Unless the worker keeps running without its channel: see ExitBy.
+                self.timers.push(Reverse((Instant::now() + EXIT_GRACE, Timer::ExitBy(key, w_gen))));
             }
             // The state (Spawning/Idle/Busy) stays for on_worker_exit to judge; if
             // the exit report came first, judge now.
@@ -1785,6 +1802,13 @@ impl Reactor {
                         ))),
                     );
                 }
+                Timer::StartBy(key, gen) => {
+                    let why = format!("did not signal readiness within {} ms", self.config.worker_start_timeout.as_millis());
+                    self.kill_stuck(key, gen, &[WState::Spawning], &why);
+                }
+                Timer::ExitBy(key, gen) => {
+                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], "closed its channel before its request and kept running");
+                }
                 Timer::Respawn(token) => {
                     if let Some(t) = self.tokens.get_mut(&token) {
                         if t.respawn_at.is_some_and(|a| a <= now) {
@@ -1808,6 +1832,20 @@ impl Reactor {
         }
         let worker = w.worker_id;
         tracing::debug!(shard = self.config.index, worker, "a worker outlived its execution's timeout; killing it");
+        self.kill_worker(key);
+    }
+
+    /// A worker (key, generation) still in one of `states` and not exited can no
+    /// longer serve: it is killed and counted as a start-up failure of its code
+    /// token (back-off; the oldest queued execution fails with `why`).
+    fn kill_stuck(&mut self, key: u32, gen: u32, states: &[WState], why: &str) {
+        let Some(w) = self.worker(key) else { return };
+        if w.gen != gen || w.exited.is_some() || !states.contains(&w.state) {
+            return;
+        }
+        let token = w.token;
+        tracing::warn!(shard = self.config.index, token, "a worker of code-{token} {why}; killed");
+        self.note_failure(token, &format!("a worker of code-{token} {why}; it was killed"));
         self.kill_worker(key);
     }
 
