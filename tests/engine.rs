@@ -242,6 +242,28 @@ fn a_worker_that_closes_its_channel_and_keeps_running_is_killed() {
 }
 
 #[test]
+fn a_worker_that_closes_its_channel_without_answering_fails_before_the_timeout() {
+    for mode in modes() {
+        let e = engine(mode);
+        let t = load(&e, "close_after_request", 1);
+        let started = std::time::Instant::now();
+        // opts(): a 20 s timeout; the closed channel ends the execution long before.
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
+        assert!(err.message().contains("closed its channel") && err.message().contains("it was killed"), "{mode:?}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{mode:?}: waited {:?}", started.elapsed());
+        // The slot serves again (a fresh worker), and the killed one is reaped.
+        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.live_workers() > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(e.live_workers(), 1, "{mode:?}");
+    }
+}
+
+#[test]
 fn worker_wait_timeout() {
     for mode in modes() {
         let e = engine(mode);

@@ -162,9 +162,9 @@ enum Timer {
     ExitBy(u32, u32),
 }
 
-/// How long a worker that closed its channel before its request may take to exit
-/// (a crash before the ready byte closes the channel a moment before the runner
-/// reports the exit, which names the cause) before it is killed.
+/// How long a worker that closed its channel (before its request, or before its
+/// response) may take to exit before it is killed. A crash closes the channel a
+/// moment before the runner reports the exit, which names the cause.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct Reactor {
@@ -1372,7 +1372,7 @@ impl Reactor {
             if state == WState::Idle {
                 self.remove_idle(key);
             }
-            if matches!(state, WState::Spawning | WState::Idle) && w_exited.is_none() {
+            if state != WState::Finished && w_exited.is_none() {
                 // Unless the worker keeps running without its channel: see ExitBy.
                 self.timers.push(Reverse((Instant::now() + EXIT_GRACE, Timer::ExitBy(key, w_gen))));
             }
@@ -1808,6 +1808,7 @@ impl Reactor {
                 }
                 Timer::ExitBy(key, gen) => {
                     self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], "closed its channel before its request and kept running");
+                    self.kill_closed_busy(key, gen);
                 }
                 Timer::Respawn(token) => {
                     if let Some(t) = self.tokens.get_mut(&token) {
@@ -1847,6 +1848,23 @@ impl Reactor {
         tracing::warn!(shard = self.config.index, token, "a worker of code-{token} {why}; killed");
         self.note_failure(token, &format!("a worker of code-{token} {why}; it was killed"));
         self.kill_worker(key);
+    }
+
+    /// A busy worker (key, generation) closed its channel (or it broke) and has
+    /// not exited since: its execution can get no response, so it fails now
+    /// rather than at its timeout, and the worker is killed.
+    fn kill_closed_busy(&mut self, key: u32, gen: u32) {
+        let Some(w) = self.worker(key) else { return };
+        if w.gen != gen || w.exited.is_some() || w.state != WState::Busy {
+            return;
+        }
+        let exec = w.exec;
+        let detail = w.failure.take().map(|f| format!(" ({f})")).unwrap_or_default();
+        self.kill_worker(key);
+        if let Some(id) = exec {
+            let why = format!("the UDF stopped reading and writing its channel before sending a complete response{detail} and kept running; it was killed");
+            self.complete(id, Err(Error::Unavailable(why)));
+        }
     }
 
     // ----- failure of the whole shard ------------------------------------------
