@@ -205,6 +205,14 @@ fn a_worker_that_outlives_its_execution_is_killed_at_the_timeout() {
             live = e.live_workers();
         }
         assert_eq!(live, 2, "{mode:?}: worker processes left after their executions' timeouts");
+        // Loaded for logging, a response waits for the worker's exit (to collect its
+        // output): at the timeout the lingering worker is killed and the complete
+        // response is delivered, not an error.
+        let logging = e.load_for_logging(&t, 1).unwrap();
+        let r = e.execute::<_, SampleResponse>(&logging, &SampleRequest::default(), o.clone()).unwrap().wait();
+        let r = r.unwrap_or_else(|err| panic!("{mode:?}: {err}"));
+        assert_eq!(r.response.greeting, "Hello, world!", "{mode:?}");
+        assert!(r.logs.is_ok(), "{mode:?}");
     }
 }
 

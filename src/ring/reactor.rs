@@ -1787,10 +1787,13 @@ impl Reactor {
                         continue;
                     }
                     let timeout = e.timeout;
-                    let in_region = matches!(e.response, Some((ResponseBody::InRegion(..), _)));
+                    // A response waits for its worker's exit with logs or in shared
+                    // memory (see `on_response`).
+                    let answered = e.response.is_some();
                     self.kill_worker(key);
-                    if in_region {
-                        // The response was complete; only the worker's exit was late.
+                    if answered {
+                        // The response was complete; only the worker's exit was late:
+                        // it is delivered, with the logs written so far.
                         self.finish_with_logs(id, key);
                         continue;
                     }
