@@ -241,7 +241,7 @@ fn a_worker_that_closes_its_channel_and_keeps_running_is_killed() {
         let t = load(&e, "close_before_ready", 1);
         let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{mode:?}: {err}");
-        assert!(err.message().contains("closed its channel before its request and kept running"), "{mode:?}: {err}");
+        assert!(err.message().contains("closed its channel before its request and had not exited"), "{mode:?}: {err}");
         for _ in 0..20 {
             std::thread::sleep(Duration::from_millis(50));
             assert!(e.live_workers() <= 2, "{mode:?}: {} worker processes", e.live_workers());

@@ -1810,7 +1810,7 @@ impl Reactor {
                     self.kill_stuck(key, gen, &[WState::Spawning], &why);
                 }
                 Timer::ExitBy(key, gen) => {
-                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], "closed its channel before its request and kept running");
+                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], &format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis()));
                     self.kill_closed_busy(key, gen);
                 }
                 Timer::Respawn(token) => {
@@ -1865,7 +1865,10 @@ impl Reactor {
         let detail = w.failure.take().map(|f| format!(" ({f})")).unwrap_or_default();
         self.kill_worker(key);
         if let Some(id) = exec {
-            let why = format!("the UDF stopped reading and writing its channel before sending a complete response{detail} and kept running; it was killed");
+            let why = format!(
+                "the UDF closed its channel before sending a complete response{detail} and had not exited {} ms later; it was killed",
+                EXIT_GRACE.as_millis()
+            );
             self.complete(id, Err(Error::Unavailable(why)));
         }
     }
