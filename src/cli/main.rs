@@ -78,6 +78,10 @@ pub struct EngineArgs {
     /// Cores for the sandbox (runner and workers), e.g. 1 (default: all).
     #[arg(long, value_delimiter = ',')]
     runner_cores: Vec<usize>,
+    /// A worker that has not signalled readiness this many ms after its spawn is
+    /// killed and counted as a start-up failure (Config::worker_start_timeout).
+    #[arg(long, default_value_t = 10_000)]
+    worker_start_timeout_ms: u64,
 }
 
 impl EngineArgs {
@@ -109,6 +113,7 @@ impl EngineArgs {
             runner_channels: !self.no_runner_channels,
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
+            worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),
             ..Default::default()
         })
     }
