@@ -191,6 +191,13 @@ impl Engine {
         self.shards.iter().map(|s| s.shared.live_workers.load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
+    /// Workers of `token` that are ready and idle right now, over all engine threads
+    /// (a snapshot: callers and engine threads take them concurrently).
+    pub fn idle_workers(&self, token: &CodeToken) -> Result<usize> {
+        let entry = self.token(token)?;
+        Ok(entry.per_shard.iter().map(|s| s.idle.load(Ordering::Relaxed)).sum())
+    }
+
     /// Isolation steps the sandbox reported it could not apply (also logged).
     pub fn isolation_warnings(&self) -> &[String] {
         &self.warnings
