@@ -1806,11 +1806,15 @@ impl Reactor {
                     );
                 }
                 Timer::StartBy(key, gen) => {
-                    let why = format!("did not signal readiness within {} ms", self.config.worker_start_timeout.as_millis());
-                    self.kill_stuck(key, gen, &[WState::Spawning], &why);
+                    let timeout = self.config.worker_start_timeout;
+                    self.kill_stuck(key, gen, &[WState::Spawning], || {
+                        format!("did not signal readiness within {} ms", timeout.as_millis())
+                    });
                 }
                 Timer::ExitBy(key, gen) => {
-                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], &format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis()));
+                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], || {
+                        format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis())
+                    });
                     self.kill_closed_busy(key, gen);
                 }
                 Timer::Respawn(token) => {
@@ -1825,13 +1829,19 @@ impl Reactor {
         }
     }
 
+    /// The worker (key, generation) if it is still the same one and not reported
+    /// exited (the check every worker timer starts with).
+    fn unexited(&mut self, key: u32, gen: u32) -> Option<&mut WorkerConn> {
+        self.worker(key).filter(|w| w.gen == gen && w.exited.is_none())
+    }
+
     /// The timeout of an execution that completed has passed: if its worker has
     /// still not exited (it answered, then kept running: the host closing the
     /// socket does not stop a UDF that ignores it), it is killed, so an untrusted
     /// binary cannot pile up processes beyond the pool.
     fn kill_lingering(&mut self, key: u32, gen: u32) {
-        let Some(w) = self.worker(key) else { return };
-        if w.gen != gen || w.exited.is_some() || w.exec.is_some() {
+        let Some(w) = self.unexited(key, gen) else { return };
+        if w.exec.is_some() {
             return;
         }
         let worker = w.worker_id;
@@ -1841,13 +1851,15 @@ impl Reactor {
 
     /// A worker (key, generation) still in one of `states` and not exited can no
     /// longer serve: it is killed and counted as a start-up failure of its code
-    /// token (back-off; the oldest queued execution fails with `why`).
-    fn kill_stuck(&mut self, key: u32, gen: u32, states: &[WState], why: &str) {
-        let Some(w) = self.worker(key) else { return };
-        if w.gen != gen || w.exited.is_some() || !states.contains(&w.state) {
+    /// token (back-off; the oldest queued execution fails with `why`, built only
+    /// then: these timers fire for every worker).
+    fn kill_stuck(&mut self, key: u32, gen: u32, states: &[WState], why: impl FnOnce() -> String) {
+        let Some(w) = self.unexited(key, gen) else { return };
+        if !states.contains(&w.state) {
             return;
         }
         let token = w.token;
+        let why = why();
         tracing::warn!(shard = self.config.index, token, "a worker of code-{token} {why}; killed");
         self.note_failure(token, &format!("a worker of code-{token} {why}; it was killed"));
         self.kill_worker(key);
@@ -1857,8 +1869,8 @@ impl Reactor {
     /// not exited since: its execution can get no response, so it fails now
     /// rather than at its timeout, and the worker is killed.
     fn kill_closed_busy(&mut self, key: u32, gen: u32) {
-        let Some(w) = self.worker(key) else { return };
-        if w.gen != gen || w.exited.is_some() || w.state != WState::Busy {
+        let Some(w) = self.unexited(key, gen) else { return };
+        if w.state != WState::Busy {
             return;
         }
         let exec = w.exec;
