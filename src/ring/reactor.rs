@@ -71,6 +71,11 @@ enum WState {
     Finished,
 }
 
+/// A logging worker's stdout and stderr memfds.
+type LogFds = (OwnedFd, OwnedFd);
+/// A shared-memory worker's region and the request length placed in it.
+type ShmSlot = (Arc<WorkerRegion>, usize);
+
 struct WorkerConn {
     worker_id: u64,
     token: u64,
@@ -92,10 +97,10 @@ struct WorkerConn {
     inflight: u32,
     exec: Option<u64>,
     exited: Option<i32>,
-    logs: Option<(OwnedFd, OwnedFd)>,
+    logs: Option<LogFds>,
     /// Shared-memory transport: the worker's region and the request length placed
     /// in it.
-    shm: Option<(Arc<WorkerRegion>, usize)>,
+    shm: Option<ShmSlot>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
 }
@@ -768,28 +773,9 @@ impl Reactor {
     fn spawn_worker(&mut self, token: u64) -> std::io::Result<bool> {
         let Some(t) = self.tokens.get(&token) else { return Ok(true) };
         let (log, shm_size) = (t.entry.log, t.entry.shm);
-        // The fds that follow the channel: log memfds, shared-memory region.
-        let mut extra = Vec::new();
-        let logs = if log {
-            let out = memfd(c"roma-stdout")?;
-            let err = memfd(c"roma-stderr")?;
-            extra.push(out.try_clone()?);
-            extra.push(err.try_clone()?);
-            Some((out, err))
-        } else {
-            None
-        };
-        let shm = match shm_size {
-            Some(size) => {
-                let region = self.config.shm_pool.take(size)?;
-                extra.push(region.region().fd().try_clone()?);
-                Some((region, 0))
-            }
-            None => None,
-        };
-        // With a runner pidfd the channel comes from the runner's stock (see
-        // `on_channels`); otherwise it is made here and its worker end goes first
-        // with the order.
+        // The channel first, so that an empty stock costs nothing more. With a runner
+        // pidfd it comes from the runner's stock (see `on_channels`); otherwise it is
+        // made here and its worker end goes first with the order.
         let mut fds = Vec::new();
         let (channel, host_end) = if self.runner.is_some() {
             if self.channel_stock.len() <= CHANNEL_LOW_WATER {
@@ -804,7 +790,16 @@ impl Reactor {
             fds.push(runner_end);
             (0, host)
         };
-        fds.extend(extra);
+        let (logs, shm) = match self.worker_extras(log, shm_size, &mut fds) {
+            Ok(got) => got,
+            Err(e) => {
+                if channel != 0 {
+                    // Unused: back into the stock.
+                    self.channel_stock.push((channel, host_end));
+                }
+                return Err(e);
+            }
+        };
         let Some(t) = self.tokens.get_mut(&token) else { return Ok(true) };
         t.live += 1;
         let worker_id = self.next_worker_id;
@@ -849,6 +844,30 @@ impl Reactor {
         self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
         self.post_worker_recv(key, 1, true);
         Ok(true)
+    }
+
+    /// What follows a worker's channel in its spawn order, pushed onto `fds`: the
+    /// log memfds (a logging token) and the shared-memory region (`shm_size`).
+    fn worker_extras(
+        &self,
+        log: bool,
+        shm_size: Option<usize>,
+        fds: &mut Vec<OwnedFd>,
+    ) -> std::io::Result<(Option<LogFds>, Option<ShmSlot>)> {
+        let logs = if log { Some((memfd(c"roma-stdout")?, memfd(c"roma-stderr")?)) } else { None };
+        if let Some((out, err)) = &logs {
+            fds.push(out.try_clone()?);
+            fds.push(err.try_clone()?);
+        }
+        let shm = match shm_size {
+            Some(size) => {
+                let region = self.config.shm_pool.take(size)?;
+                fds.push(region.region().fd().try_clone()?);
+                Some((region, 0))
+            }
+            None => None,
+        };
+        Ok((logs, shm))
     }
 
     /// Asks the runner for a batch of channels unless one is on its way.
