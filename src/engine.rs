@@ -188,7 +188,7 @@ impl Engine {
     /// yet. A worker still running when its execution's timeout passes is killed,
     /// so this stays near the pools' size whatever the UDF does.
     pub fn live_workers(&self) -> usize {
-        self.shards.iter().map(|s| s.shared.live_workers.load(std::sync::atomic::Ordering::Relaxed)).sum()
+        self.shards.iter().map(|s| s.shared.live_workers.load(Ordering::Relaxed)).sum()
     }
 
     /// Workers of `token` that are ready and idle right now, over all engine threads
