@@ -4,13 +4,17 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use prost::bytes::Bytes;
 
+use crate::ring::direct::{self, Arrivals, Handoff, Peeked};
+use crate::ring::{Cmd, ShardShared};
 use crate::{Error, ExecutionToken, Result};
 
 /// Captured stdout/stderr of one execution.
@@ -36,6 +40,9 @@ pub struct Metrics {
     /// (`Config::hand_over`; then `send` is zero and `response` counts from the
     /// claim of the worker).
     pub handed_over: bool,
+    /// The calling thread read the response from the worker itself, in
+    /// `Execution::wait` (`Config::caller_reads`).
+    pub read_by_caller: bool,
 }
 
 /// A completed execution.
@@ -85,6 +92,12 @@ impl Sink {
     /// From now on the execution must be answered, by `complete` or by the drop.
     pub(crate) fn arm(&mut self) {
         self.armed = true;
+    }
+
+    /// Drops the sink without an answer: the caller already has its result (it read
+    /// the response itself, see `ring::direct`).
+    pub(crate) fn release(mut self) {
+        self.armed = false;
     }
 
     /// A caller waits on a channel (rather than a callback).
@@ -155,6 +168,97 @@ pub(crate) fn decode_raw(body: Bytes) -> Result<Vec<u8>> {
     Ok(Vec::from(body))
 }
 
+/// A handed-over execution whose response the calling thread may read from the
+/// worker's socket itself, in `Execution::wait` (see `ring::direct`).
+pub(crate) struct DirectRead {
+    pub exec: u64,
+    pub handoff: Arc<Handoff>,
+    /// The worker's channel (host end).
+    pub fd: Arc<OwnedFd>,
+    pub shard: Arc<ShardShared>,
+    pub max_response_bytes: usize,
+    /// The execution's deadline (the shard enforces it; see `read`).
+    pub deadline: Instant,
+    pub submitted: Instant,
+    /// When the caller claimed the worker.
+    pub claimed: Instant,
+    pub idle_left: usize,
+}
+
+/// How long past the deadline a caller reading the socket waits for the shard to
+/// take the execution over. The shard shuts the socket down when it does, which
+/// wakes the caller at once; this only bounds the wait if it never does (its
+/// thread failed, a bug: the answer then comes through the channel).
+const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+impl DirectRead {
+    /// Reads the response on this thread. `None`: the engine thread answers,
+    /// through the execution's channel (the shard took it over, or the caller left
+    /// it: anything but one whole frame, which is left unread for the shard).
+    fn read(self, spin: Duration) -> Option<RawOutcome> {
+        if !self.handoff.caller_claims() {
+            return None;
+        }
+        let start = Instant::now();
+        // Set once part of a frame is there: waits for the rest.
+        let mut arrivals: Option<Arrivals> = None;
+        loop {
+            let peeked = direct::peek_frame(&self.fd, self.max_response_bytes);
+            match peeked {
+                Peeked::Frame(body) => {
+                    drop(arrivals);
+                    if !self.handoff.caller_finishes() {
+                        return None;
+                    }
+                    let done = Instant::now();
+                    let metrics = Metrics {
+                        wait_for_worker: self.claimed.saturating_duration_since(self.submitted),
+                        send: Duration::ZERO,
+                        response: done.saturating_duration_since(self.claimed),
+                        idle_workers_left: self.idle_left,
+                        handed_over: true,
+                        read_by_caller: true,
+                    };
+                    // The shard forgets the execution and closes the channel when it
+                    // next wakes: no wake-up for it now.
+                    let DirectRead { exec, fd, shard, .. } = self;
+                    shard.push_quiet(Cmd::CallerDone { exec, fd });
+                    return Some(RawOutcome { body: body.into(), logs: None, metrics });
+                }
+                Peeked::Other => break,
+                Peeked::Empty if start.elapsed() < spin => std::hint::spin_loop(),
+                Peeked::Empty | Peeked::Partial => {
+                    let left = self.deadline.saturating_duration_since(Instant::now()) + DEADLINE_MARGIN;
+                    let more = match (&arrivals, peeked) {
+                        (Some(a), _) => a.wait(left),
+                        (None, Peeked::Partial) => match Arrivals::watch(self.fd.clone()) {
+                            Ok(a) => {
+                                arrivals = Some(a);
+                                continue;
+                            }
+                            Err(_) => break,
+                        },
+                        (None, _) => direct::wait_readable(&self.fd, left),
+                    };
+                    if !more {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(arrivals);
+        self.leave_to_engine();
+        None
+    }
+
+    /// The engine thread reads the response (unless it took the execution already).
+    fn leave_to_engine(&self) {
+        if self.handoff.give_back() {
+            self.shard.push(Cmd::TakeOver { exec: self.exec });
+        }
+    }
+}
+
 /// A pending execution: a future of its [`Response`], runtime-agnostic.
 #[must_use = "an execution's result is only observed through its future"]
 pub struct Execution<R> {
@@ -163,12 +267,20 @@ pub struct Execution<R> {
     decode: Decoder<R>,
     /// How long `wait` polls before parking.
     spin: Duration,
+    /// Set while the calling thread may still read the response itself.
+    direct: Option<Box<DirectRead>>,
     _marker: PhantomData<fn() -> R>,
 }
 
 impl<R> Execution<R> {
-    pub(crate) fn new(token: ExecutionToken, rx: oneshot::Receiver<RawResult>, decode: Decoder<R>, spin: Duration) -> Self {
-        Execution { token, rx, decode, spin, _marker: PhantomData }
+    pub(crate) fn new(
+        token: ExecutionToken,
+        rx: oneshot::Receiver<RawResult>,
+        decode: Decoder<R>,
+        spin: Duration,
+        direct: Option<Box<DirectRead>>,
+    ) -> Self {
+        Execution { token, rx, decode, spin, direct, _marker: PhantomData }
     }
 
     /// The token to pass to [`crate::Engine::cancel`].
@@ -180,7 +292,14 @@ impl<R> Execution<R> {
     /// on another core than the caller, it first polls for up to
     /// `Config::wait_spin` (a parked thread costs tens of µs to wake in a VM), then
     /// parks; on the worker's own core polling would only keep the worker waiting.
+    /// A request this thread handed to its worker (`Config::caller_reads`) has its
+    /// response read here, straight from the worker's socket.
     pub fn wait(mut self) -> Result<Response<R>> {
+        if let Some(direct) = self.direct.take() {
+            if let Some(raw) = (*direct).read(self.spin) {
+                return finish(Ok(raw), self.decode);
+            }
+        }
         let start = std::time::Instant::now();
         while start.elapsed() < self.spin {
             match self.rx.try_recv() {
@@ -193,10 +312,24 @@ impl<R> Execution<R> {
     }
 }
 
+impl<R> Drop for Execution<R> {
+    fn drop(&mut self) {
+        if let Some(direct) = self.direct.take() {
+            // Nobody will wait on this thread: the engine thread reads the response
+            // (and drops it), as for any execution nobody waits for.
+            direct.leave_to_engine();
+        }
+    }
+}
+
 impl<R> Future for Execution<R> {
     type Output = Result<Response<R>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(direct) = self.direct.take() {
+            // A future does not block: the engine thread reads the response.
+            direct.leave_to_engine();
+        }
         let decode = self.decode;
         match Pin::new(&mut self.rx).poll(cx) {
             Poll::Pending => Poll::Pending,

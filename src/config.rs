@@ -156,6 +156,17 @@ pub struct Config {
     /// polling on the worker's own core would keep the worker off it. Zero: park
     /// at once.
     pub wait_spin: Duration,
+    /// `Execution::wait` on a handed-over execution reads the response from the
+    /// worker's socket on the calling thread, so the worker's answer wakes the
+    /// caller directly instead of the engine thread, which then woke the caller
+    /// (one thread hop less). Applies to code tokens without host calls, log capture
+    /// or shared memory, and to responses up to 64 KiB arriving in one piece;
+    /// anything else is left to the engine thread, with nothing consumed. For those
+    /// tokens an idle worker has no receive posted: a worker that closes its channel
+    /// while idle and keeps running is found when a request is written to it (that
+    /// request fails), and bytes it writes before its request are read as its
+    /// response. Off: the engine thread reads every response.
+    pub caller_reads: bool,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs): directories or single files. Symlinks are followed; missing
@@ -202,6 +213,7 @@ impl Default for Config {
             hand_over: true,
             hand_over_max_bytes: 64 << 10,
             wait_spin: Duration::from_micros(100),
+            caller_reads: true,
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into(), "/etc/ld.so.cache".into()],
             memory_limit: None,

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use futures_channel::oneshot;
 
-use crate::completion::{self, Execution, RawResult, Response, Sink};
+use crate::completion::{self, DirectRead, Execution, RawResult, Response, Sink};
 use crate::ipc::shm::{Region, Reuse, ShmPool};
 use crate::ring::{self, Claim, Cmd, ExecRequest, Offer, ShardConfig, ShardHandle, ShardSlots, SupervisorEvent, TokenEntry};
 use crate::sandbox::launch::Launcher;
@@ -266,9 +266,9 @@ impl Engine {
         Resp: prost::Message + Default,
     {
         let (tx, rx) = oneshot::channel();
-        let id = self.submit_message(token, request, options, Sink::channel(tx))?;
+        let (id, direct) = self.submit_message(token, request, options, Sink::channel(tx))?;
         let spin = self.spin_for(&id);
-        Ok(Execution::new(id, rx, completion::decode_message::<Resp>, spin))
+        Ok(Execution::new(id, rx, completion::decode_message::<Resp>, spin, direct))
     }
 
     /// As [`Engine::execute`], for a request already serialised (raw protobuf bytes,
@@ -282,9 +282,9 @@ impl Engine {
         };
         let place = |region: &Region| region.put_request(request).map(|()| request.len());
         let (tx, rx) = oneshot::channel();
-        let id = self.submit(token, || request.len(), place, frame, options, Sink::channel(tx))?;
+        let (id, direct) = self.submit(token, || request.len(), place, frame, options, Sink::channel(tx))?;
         let spin = self.spin_for(&id);
-        Ok(Execution::new(id, rx, completion::decode_raw, spin))
+        Ok(Execution::new(id, rx, completion::decode_raw, spin, direct))
     }
 
     /// Callback form of [`Engine::execute`]: `callback` runs exactly once, on an
@@ -306,7 +306,7 @@ impl Engine {
         let sink = Sink::callback(Box::new(move |raw: RawResult| {
             callback(completion::finish(raw, completion::decode_message::<Resp>))
         }));
-        self.submit_message(token, request, options, sink)
+        self.submit_message(token, request, options, sink).map(|(id, _)| id)
     }
 
     /// Registers a host function UDFs may call (code tokens loaded with
@@ -441,6 +441,11 @@ impl Engine {
             log: options.log_egress,
             host_api: options.host_api,
             shm: options.shared_memory,
+            direct: self.config.caller_reads
+                && self.config.hand_over
+                && !options.log_egress
+                && !options.host_api
+                && options.shared_memory.is_none(),
             per_shard,
         });
         match self.tokens.write() {
@@ -461,7 +466,7 @@ impl Engine {
         request: &Req,
         options: ExecuteOptions,
         sink: Sink,
-    ) -> Result<ExecutionToken> {
+    ) -> Result<(ExecutionToken, Option<Box<DirectRead>>)> {
         let place = |region: &Region| region.encode_request(request);
         let frame = || request.encode_length_delimited_to_vec();
         self.submit(token, || request.encoded_len(), place, frame, options, sink)
@@ -474,7 +479,9 @@ impl Engine {
     /// `place` writes it straight into the worker's region (serialised once, no
     /// other copy) and the doorbell follows; otherwise `frame` builds the
     /// length-delimited frame, written to the worker's socket here or, with no
-    /// worker to claim, by the shard when one is free.
+    /// worker to claim, by the shard when one is free. A handed-over execution of a
+    /// `direct` token that a caller waits for on a channel comes back with what that
+    /// caller needs to read the response itself (`ring::direct`).
     fn submit(
         &self,
         token: &CodeToken,
@@ -483,7 +490,7 @@ impl Engine {
         frame: impl FnOnce() -> Vec<u8>,
         options: ExecuteOptions,
         sink: Sink,
-    ) -> Result<ExecutionToken> {
+    ) -> Result<(ExecutionToken, Option<Box<DirectRead>>)> {
         let submitted = Instant::now();
         let entry = self.token(token)?;
         let n = self.shards.len();
@@ -546,6 +553,20 @@ impl Engine {
         if let Some((shard, offer, claim)) = claimed {
             let handed = claim.handed;
             let (key, gen, at) = (claim.key, claim.gen, claim.at);
+            let shared = &self.shards[shard].shared;
+            let direct = (handed && !offer.armed && sink.is_channel()).then(|| {
+                Box::new(DirectRead {
+                    exec: id,
+                    handoff: Arc::default(),
+                    fd: offer.fd.clone(),
+                    shard: shared.clone(),
+                    max_response_bytes: self.config.max_response_bytes,
+                    deadline: ring::deadline_after(at, options.timeout),
+                    submitted,
+                    claimed: at,
+                    idle_left: entry.per_shard[shard].idle.load(Ordering::Relaxed).saturating_sub(1),
+                })
+            });
             let req = ExecRequest {
                 id,
                 token: token.0,
@@ -555,17 +576,23 @@ impl Engine {
                 timeout: options.timeout,
                 sink,
                 submitted,
+                handoff: direct.as_ref().map(|d| d.handoff.clone()),
                 claim: Some(claim),
             };
-            let shared = &self.shards[shard].shared;
-            if !handed {
+            let token = ExecutionToken { shard: shard as u32, id };
+            if !handed || (!offer.armed && direct.is_none()) {
+                // The shard writes the request, or (a callback on a worker without a
+                // receive posted) must post the receive.
                 shared.push(Cmd::Execute(req));
-                return Ok(ExecutionToken { shard: shard as u32, id });
+                if !handed {
+                    return Ok((token, None));
+                }
+            } else {
+                // Queued before the first byte can reach the worker, so the shard
+                // knows the execution before it can see the answer; woken only if its
+                // own timer would come after the execution's deadline.
+                shared.push_lazy(Cmd::Execute(req), ring::deadline_after(at, options.timeout));
             }
-            // Queued before the first byte can reach the worker, so the shard knows
-            // the execution before it can see the answer; woken only if its own
-            // timer would come after the execution's deadline.
-            shared.push_lazy(Cmd::Execute(req), ring::deadline_after(at, options.timeout));
             static DOORBELL: [u8; 1] = [0];
             let bytes: &[u8] = match &frame_built {
                 Some(frame) => frame,
@@ -580,7 +607,7 @@ impl Engine {
             if short {
                 shared.push(Cmd::HandOverShort { exec: id, key, gen, written, error });
             }
-            return Ok(ExecutionToken { shard: shard as u32, id });
+            return Ok((token, direct));
         }
         let frame = match frame_built {
             Some(f) => Arc::try_unwrap(f).unwrap_or_else(|f| f.as_ref().clone()),
@@ -601,9 +628,10 @@ impl Engine {
             timeout: options.timeout,
             sink,
             submitted: Instant::now(),
+            handoff: None,
             claim: None,
         }));
-        Ok(ExecutionToken { shard: shard as u32, id })
+        Ok((ExecutionToken { shard: shard as u32, id }, None))
     }
 }
 

@@ -154,11 +154,28 @@ fn an_execution_held_by_a_panicking_engine_thread_is_answered_once() {
         .unwrap();
         let err = rx.recv_timeout(Duration::from_secs(10)).expect("the execution is answered").unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{mode:?}: {err}");
-        // The same through `wait`.
+        // The same through `wait`, on a worker the caller claimed: it reads the
+        // worker's answer from the socket itself (Config::caller_reads), which the
+        // failed engine thread does not stop; if the worker is gone first, it gets
+        // the guard's error. Once either way.
         let mut o = opts();
         o.metadata.insert(roma_byob::FAULT_KEY.to_string(), "panic-in-execute".to_string());
-        let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
+        match e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o).unwrap().wait() {
+            Ok(r) => {
+                assert_eq!(r.response.greeting, "Hello, world!", "{mode:?}");
+                assert!(r.metrics.read_by_caller, "{mode:?}: only the caller can have read this answer");
+            }
+            Err(err) => assert_eq!(err.code(), Code::Internal, "{mode:?}: {err}"),
+        }
+        // With the engine thread reading every response, `wait` gets the guard's.
+        let core = roma_byob::ring::current_thread_affinity()[0];
+        let engine_reads = Engine::new(Config { mode, cores: vec![core; 2], caller_reads: false, ..Default::default() }).unwrap();
+        let t3 = load(&engine_reads, "hello_world", 2);
+        let mut o = opts();
+        o.metadata.insert(roma_byob::FAULT_KEY.to_string(), "panic-in-execute".to_string());
+        let err = engine_reads.execute::<_, SampleResponse>(&t3, &SampleRequest::default(), o).unwrap().wait().unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{mode:?}: {err}");
+        shut_down(engine_reads);
         // Whatever shard is left keeps serving; the engine still shuts down.
         let _ = hello(&e, &t);
         shut_down(e);

@@ -104,6 +104,8 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let mut resp = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     // Requests that found no ready worker after the pause, and waited for one first.
     let mut held = 0usize;
+    // Responses the calling thread read from the worker itself (Config::caller_reads).
+    let mut direct = 0usize;
     for _ in 0..a.sequential {
         // Give the slot time to refill so each request finds a warm worker; where
         // workers start slower than the pace (glibc UDFs in gVisor), wait for one.
@@ -121,9 +123,10 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         let _ = wait.record(us(r.metrics.wait_for_worker));
         let _ = send.record(us(r.metrics.send));
         let _ = resp.record(us(r.metrics.response));
+        direct += usize::from(r.metrics.read_by_caller);
     }
     println!(
-        "sequential, {} executions, {} workers, warm pool ({} µs between executions; {held} waited longer for a ready worker):",
+        "sequential, {} executions, {} workers, warm pool ({} µs between executions; {held} waited longer for a ready worker; {direct} responses read by the calling thread):",
         a.sequential, a.workers, a.pace_us
     );
     report("end-to-end latency", &seq);

@@ -71,6 +71,10 @@ pub struct EngineArgs {
     /// order, instead of taking the runner's (Config::runner_channels = false).
     #[arg(long)]
     no_runner_channels: bool,
+    /// Let the engine thread read every response, instead of Execution::wait
+    /// reading a handed-over execution's response itself (Config::caller_reads = false).
+    #[arg(long)]
+    no_caller_reads: bool,
     /// Execution::wait polls this many µs for the answer before parking, when the
     /// worker runs on another core (Config::wait_spin; 0 = park at once).
     #[arg(long, default_value_t = 100)]
@@ -111,6 +115,7 @@ impl EngineArgs {
             pin_workers: !self.no_pin_workers,
             hand_over: !self.no_hand_over,
             runner_channels: !self.no_runner_channels,
+            caller_reads: !self.no_caller_reads,
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),

@@ -4,6 +4,7 @@
 //! eventfd; nothing on a shard blocks.
 
 mod ctl;
+pub(crate) mod direct;
 mod reactor;
 mod ready;
 
@@ -36,6 +37,11 @@ pub(crate) struct TokenEntry {
     pub host_api: bool,
     /// Shared-memory region size per worker, when the token uses that transport.
     pub shm: Option<usize>,
+    /// A caller waiting for a handed-over execution may read its response from
+    /// the socket itself (see [`direct`]): socket transport, no host calls, no log
+    /// capture, and `Config::caller_reads`. The shard then posts no receive on
+    /// an idle worker of this token.
+    pub direct: bool,
     pub per_shard: Vec<ShardSlots>,
 }
 
@@ -55,6 +61,12 @@ pub(crate) enum Cmd {
     /// The caller that was handed execution `exec` on worker (`key`, `gen`) could
     /// write only `written` bytes of its request (`error`: why, if it failed).
     HandOverShort { exec: u64, key: u32, gen: u32, written: usize, error: Option<i32> },
+    /// The caller of handed-over execution `exec` left its response to the shard
+    /// (see [`direct`]): read it from the worker's socket.
+    TakeOver { exec: u64 },
+    /// The caller read handed-over execution `exec`'s response itself; `fd` is its
+    /// reference to the worker's channel, for the shard to close.
+    CallerDone { exec: u64, fd: Arc<OwnedFd> },
     /// The sandbox cannot be restarted: fail everything from now on.
     RunnerFatal(String),
     Shutdown,
@@ -79,6 +91,8 @@ pub(crate) struct ExecRequest {
     pub timeout: Duration,
     pub sink: Sink,
     pub submitted: Instant,
+    /// Set when the caller may read the response itself (see [`direct`]).
+    pub handoff: Option<Arc<direct::Handoff>>,
     /// Shared-memory transport: the request is already in this claimed worker's
     /// region (`frame` is empty).
     pub claim: Option<Claim>,
@@ -182,6 +196,13 @@ impl ShardShared {
         }
         if self.nanos(by) < self.wakes_at.load(Ordering::SeqCst) {
             self.wake();
+        }
+    }
+
+    /// Queues a command the shard acts on whenever it next wakes; never wakes it.
+    pub(crate) fn push_quiet(&self, cmd: Cmd) {
+        if let Some((cmd, why)) = self.enqueue(cmd) {
+            reject(cmd, &why);
         }
     }
 

@@ -15,6 +15,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use prost::Message;
 
 use super::ctl::CtlOut;
+use super::direct::{self, Handoff, Peeked, Taken};
 use super::{Cmd, ExecRequest, Offer, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{
@@ -63,7 +64,8 @@ fn ud(kind: u64, key: u32, gen: u32) -> u64 {
 enum WState {
     /// Spawn requested; waiting for the ready byte.
     Spawning,
-    /// Ready, in the idle pool; a response recv is already posted.
+    /// Ready, in the idle pool; a response recv is already posted, except where a
+    /// caller may read the response itself (`TokenEntry::direct`, `Offer::armed`).
     Idle,
     /// Took an execution.
     Busy,
@@ -95,6 +97,8 @@ struct WorkerConn {
     /// Host calls received whose reply has not been written yet.
     calls_outstanding: u32,
     inflight: u32,
+    /// A receive is posted on the channel.
+    armed: bool,
     exec: Option<u64>,
     exited: Option<i32>,
     logs: Option<LogFds>,
@@ -140,6 +144,11 @@ struct ExecState {
     /// short (`Cmd::HandOverShort`), when it finishes it from `handed_frame`.
     handed: Option<Instant>,
     handed_frame: Option<Arc<Vec<u8>>>,
+    /// The caller may read the response itself (see `direct`), and the worker's
+    /// channel, to wake a reading caller when the shard takes the execution over.
+    handoff: Option<(Arc<Handoff>, Option<Arc<OwnedFd>>)>,
+    /// This shard reads the response from the worker (a receive was posted for it).
+    engine_reads: bool,
 }
 
 /// A complete response on its way to the caller.
@@ -520,6 +529,8 @@ impl Reactor {
             Cmd::Delete(token) => self.delete(token),
             Cmd::HostReply { exec, worker_id, call_id, result } => self.on_host_reply(exec, worker_id, call_id, result),
             Cmd::HandOverShort { exec, key, gen, written, error } => self.on_hand_over_short(exec, key, gen, written, error),
+            Cmd::TakeOver { exec } => self.on_take_over(exec),
+            Cmd::CallerDone { exec, fd } => self.on_caller_done(exec, fd),
             Cmd::RunnerDown { epoch } => {
                 if epoch == self.epoch {
                     self.runner_gone("the sandbox died");
@@ -589,7 +600,7 @@ impl Reactor {
     }
 
     fn execute(&mut self, req: ExecRequest) {
-        let ExecRequest { id, token, metadata, mut frame, worker_wait_timeout, timeout, sink, submitted, claim } = req;
+        let ExecRequest { id, token, metadata, mut frame, worker_wait_timeout, timeout, sink, submitted, handoff, claim } = req;
         // Tests only: a bug that strikes while this thread holds the execution's sink
         // outside any table.
         #[cfg(feature = "fault-injection")]
@@ -597,11 +608,11 @@ impl Reactor {
             panic!("injected while handling execution {id}");
         }
         if let Some(why) = &self.runner_fatal {
-            sink.complete(Err(Error::Unavailable(why.clone())));
+            answer_unqueued(sink, handoff.as_deref(), Err(Error::Unavailable(why.clone())));
             return;
         }
         if !self.tokens.contains_key(&token) {
-            sink.complete(Err(Error::NotFound(format!("code token code-{token} was deleted"))));
+            answer_unqueued(sink, handoff.as_deref(), Err(Error::NotFound(format!("code token code-{token} was deleted"))));
             return;
         }
         let mut placed = None;
@@ -620,9 +631,13 @@ impl Reactor {
                 // The worker was lost after the caller claimed it. The caller may have
                 // written the request already, and the worker may have read it: never
                 // run it a second time.
-                sink.complete(Err(Error::Unavailable(
-                    "the worker this request was handed to was lost before it answered (it crashed, was killed, or the sandbox died)".into(),
-                )));
+                answer_unqueued(
+                    sink,
+                    handoff.as_deref(),
+                    Err(Error::Unavailable(
+                        "the worker this request was handed to was lost before it answered (it crashed, was killed, or the sandbox died)".into(),
+                    )),
+                );
                 return;
             } else {
                 // A shared-memory claim the shard was to ring the doorbell for: the
@@ -669,6 +684,8 @@ impl Reactor {
                 placed,
                 handed,
                 handed_frame,
+                handoff: handoff.map(|h| (h, None)),
+                engine_reads: false,
             },
         );
         if let Some(key) = claimed_key {
@@ -822,6 +839,7 @@ impl Reactor {
             reply_inflight: None,
             calls_outstanding: 0,
             inflight: 0,
+            armed: false,
             exec: None,
             exited: None,
             logs,
@@ -961,6 +979,7 @@ impl Reactor {
         // while this recv is in flight (inflight > 0 blocks every resize path).
         let ptr = unsafe { w.buf.as_mut_ptr().add(w.filled) };
         w.inflight += 1;
+        w.armed = true;
         let ioprio = if expect_wait { RECVSEND_POLL_FIRST } else { 0 };
         let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32).ioprio(ioprio).build().user_data(ud(K_W_RECV, key, w.gen));
         self.push_sqe(sqe);
@@ -985,7 +1004,8 @@ impl Reactor {
         let Some(w) = self.worker(key) else { return };
         w.state = WState::Busy;
         w.exec = Some(exec_id);
-        let (token, gen) = (w.token, w.gen);
+        let (token, gen, armed) = (w.token, w.gen, w.armed);
+        let fd = w.fd.clone();
         let (idle_left, entry) = match self.tokens.get(&token) {
             Some(t) => (t.idle.len(), Some(t.entry.clone())),
             None => (0, None),
@@ -1002,6 +1022,19 @@ impl Reactor {
         // (the shard may learn of it later).
         let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
         self.timers.push(Reverse((deadline, Timer::Deadline(exec_id, key, gen))));
+        match exec.handoff.as_mut() {
+            // The caller may read the answer: nothing is posted until the shard takes
+            // the execution over.
+            Some((_, handoff_fd)) => *handoff_fd = fd,
+            None => {
+                exec.engine_reads = true;
+                if !armed {
+                    // An idle worker of a `direct` token has no receive posted.
+                    self.post_worker_recv(key, RECV_CHUNK, true);
+                }
+            }
+        }
+        let Some(exec) = self.execs.get_mut(&exec_id) else { return };
         if let Some(at) = exec.handed {
             // The caller writes the request (or rings the doorbell) itself.
             exec.sent = Some(at);
@@ -1216,6 +1249,9 @@ impl Reactor {
                 }
                 if let Some(w) = self.worker(key) {
                     w.inflight -= 1;
+                    if kind == K_W_RECV {
+                        w.armed = false;
+                    }
                 }
                 match kind {
                     K_W_RECV => self.on_worker_recv(key, res),
@@ -1317,6 +1353,14 @@ impl Reactor {
             // EOF): that completion finishes the execution.
             return;
         }
+        if w.state == WState::Busy && spawn_error.is_none() {
+            if let Some(id) = w.exec {
+                if self.exit_before_read(id, key) {
+                    return;
+                }
+            }
+        }
+        let Some(w) = self.worker(key) else { return };
         let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
         let how = match &spawn_error {
             Some(e) => format!("could not be started: {e}"),
@@ -1348,6 +1392,119 @@ impl Reactor {
             }
         }
         self.maybe_free(key);
+    }
+
+    /// A busy worker whose response the shard has not read exited (see `direct`):
+    /// true if that is handled here. The answer, if any, is still in the socket, or
+    /// with the caller.
+    fn exit_before_read(&mut self, id: u64, key: u32) -> bool {
+        let Some(exec) = self.execs.get(&id) else { return false };
+        let Some((handoff, _)) = exec.handoff.as_ref() else { return false };
+        if exec.engine_reads {
+            return false;
+        }
+        if handoff.is_done() {
+            // The caller has the answer (its `CallerDone` is on the way).
+            self.finish_caller_read(id);
+            return true;
+        }
+        match handoff.engine_takes_unless_reading() {
+            // The caller is reading what the worker left: it finishes, or gives the
+            // execution back (`TakeOver`).
+            Taken::FromCaller => true,
+            Taken::CallerDone => {
+                self.finish_caller_read(id);
+                true
+            }
+            // Nobody was reading, or the caller gave it back: read the socket; its
+            // end of file then completes the execution with the exit status.
+            Taken::Unread | Taken::Already => {
+                self.start_reading(id, key);
+                true
+            }
+        }
+    }
+
+    /// The shard reads execution `id`'s response from worker `key` from now on.
+    fn start_reading(&mut self, id: u64, key: u32) {
+        let Some(exec) = self.execs.get_mut(&id) else { return };
+        if exec.engine_reads {
+            return;
+        }
+        exec.engine_reads = true;
+        let armed = self.worker(key).is_none_or(|w| w.armed || w.fd.is_none());
+        if !armed {
+            self.post_worker_recv(key, RECV_CHUNK, false);
+        }
+    }
+
+    /// The caller read execution `id`'s response itself: forget it, and let the
+    /// worker's slot refill.
+    fn finish_caller_read(&mut self, id: u64) {
+        let Some(mut exec) = self.execs.remove(&id) else { return };
+        if let Some(sink) = exec.sink.take() {
+            sink.release();
+        }
+        let Some(key) = exec.worker else { return };
+        let Some(w) = self.worker(key) else { return };
+        if w.exec != Some(id) {
+            return;
+        }
+        w.exec = None;
+        if w.state == WState::Busy {
+            self.close_channel(key);
+        }
+    }
+
+    /// `Cmd::TakeOver`: the caller left the response to the shard.
+    fn on_take_over(&mut self, id: u64) {
+        let Some(key) = self.execs.get(&id).and_then(|e| e.worker) else { return };
+        let busy = self.worker(key).is_some_and(|w| w.exec == Some(id) && w.state == WState::Busy);
+        if busy {
+            self.start_reading(id, key);
+        }
+    }
+
+    /// `Cmd::CallerDone`.
+    fn on_caller_done(&mut self, id: u64, fd: Arc<OwnedFd>) {
+        drop(fd);
+        if self.execs.get(&id).and_then(|e| e.handoff.as_ref()).is_some_and(|(h, _)| h.is_done()) {
+            self.finish_caller_read(id);
+        }
+    }
+
+    /// At execution `id`'s deadline, if nobody has read its socket yet: the shard
+    /// takes it over, and returns the response if one whole frame is waiting.
+    fn unread_answer(&mut self, id: u64) -> Option<Vec<u8>> {
+        let exec = self.execs.get(&id)?;
+        if exec.engine_reads || exec.handoff.is_none() {
+            return None;
+        }
+        if self.take_over(id) != Taken::Unread {
+            return None;
+        }
+        let fd = self.execs.get(&id)?.handoff.as_ref()?.1.clone()?;
+        match direct::peek_frame(&fd, self.config.max_response_bytes) {
+            Peeked::Frame(body) => Some(body),
+            Peeked::Empty | Peeked::Partial | Peeked::Other => None,
+        }
+    }
+
+    /// The shard takes execution `id` over before it answers it (every answer goes
+    /// through here, see `complete`): a caller that was reading the socket is woken
+    /// by shutting it down, and then takes the shard's answer.
+    fn take_over(&mut self, id: u64) -> Taken {
+        let Some(exec) = self.execs.get(&id) else { return Taken::Already };
+        let Some((handoff, fd)) = exec.handoff.as_ref() else { return Taken::Already };
+        let taken = handoff.engine_takes();
+        if taken == Taken::FromCaller {
+            if let Some(fd) = fd {
+                // SAFETY: shutting down a socket we hold open; the worker is being
+                // stopped anyway (deadline, cancel, delete, failure).
+                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
+        taken
     }
 
     fn on_worker_send(&mut self, key: u32, res: i32) {
@@ -1410,22 +1567,29 @@ impl Reactor {
                 w.state = WState::Idle;
                 w.filled = 0;
                 let token = w.token;
-                let offer = w.fd.clone().map(|fd| Offer { key, gen: w.gen, fd, region: w.shm.as_ref().map(|(r, _)| r.clone()) });
-                if let Some(t) = self.tokens.get_mut(&token) {
-                    t.failures = 0;
-                    t.respawn_at = None;
-                    if let Some(exec_id) = t.queue.pop_front() {
-                        self.post_worker_recv(key, RECV_CHUNK, true);
-                        self.dispatch(exec_id, key);
-                        return;
-                    }
-                    t.idle.push_back(key);
-                    t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
-                    if let Some(offer) = offer {
-                        t.entry.per_shard[self.config.index].ready.publish(offer);
-                    }
+                let (gen, fd, region) = (w.gen, w.fd.clone(), w.shm.as_ref().map(|(r, _)| r.clone()));
+                // An idle worker gets its response receive now, so the answer wakes the
+                // shard once, except for a `direct` token on a shard with nothing in
+                // flight: there the next request is likely one a caller waits for, and
+                // that caller reads the answer itself (see `direct`).
+                let in_flight = !self.execs.is_empty();
+                let Some(t) = self.tokens.get_mut(&token) else { return };
+                let arm = !t.entry.direct || in_flight;
+                t.failures = 0;
+                t.respawn_at = None;
+                if let Some(exec_id) = t.queue.pop_front() {
+                    self.post_worker_recv(key, RECV_CHUNK, true);
+                    self.dispatch(exec_id, key);
+                    return;
                 }
-                self.post_worker_recv(key, RECV_CHUNK, true);
+                t.idle.push_back(key);
+                t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+                if let Some(fd) = fd {
+                    t.entry.per_shard[self.config.index].ready.publish(Offer { key, gen, fd, region, armed: arm });
+                }
+                if arm {
+                    self.post_worker_recv(key, RECV_CHUNK, true);
+                }
             }
             WState::Idle => {
                 // Bytes before any request: a protocol violation.
@@ -1565,6 +1729,7 @@ impl Reactor {
         // dropped while this recv is in flight (inflight > 0 keeps the worker).
         let ptr = unsafe { body.as_mut_ptr().add(w.body_filled) };
         w.inflight += 1;
+        w.armed = true;
         let sqe = opcode::Recv::new(types::Fd(fd), ptr, remaining.min(u32::MAX as usize) as u32)
             .build()
             .user_data(ud(K_W_RECV, key, w.gen));
@@ -1750,10 +1915,16 @@ impl Reactor {
             response: done.saturating_duration_since(sent),
             idle_workers_left: e.idle_left,
             handed_over: e.handed.is_some(),
+            read_by_caller: false,
         }
     }
 
     fn complete(&mut self, id: u64, result: crate::completion::RawResult) {
+        if self.take_over(id) == Taken::CallerDone {
+            // The caller read the response first: it has its answer.
+            self.finish_caller_read(id);
+            return;
+        }
         if let Some(mut exec) = self.execs.remove(&id) {
             if let Some(key) = exec.worker {
                 if let Some(w) = self.worker(key) {
@@ -1809,6 +1980,13 @@ impl Reactor {
                     // A response waits for its worker's exit with logs or in shared
                     // memory (see `on_response`).
                     let answered = e.response.is_some();
+                    if let Some(body) = self.unread_answer(id) {
+                        // Answered in time, but nobody read it (the caller never waited).
+                        self.kill_worker(key);
+                        let metrics = self.metrics(id, now);
+                        self.complete(id, Ok(RawOutcome { body: body.into(), logs: None, metrics }));
+                        continue;
+                    }
                     self.kill_worker(key);
                     if answered {
                         // The response was complete; only the worker's exit was late:
@@ -1958,6 +2136,17 @@ impl Reactor {
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
             t.entry.per_shard[self.config.index].ready.clear();
         }
+    }
+}
+
+/// Answers an execution the shard fails before it tracks it, unless its caller
+/// read the worker's response first (see `direct`). A caller still reading finds
+/// the worker gone (lost, or its sandbox or token going away) and takes this
+/// answer.
+fn answer_unqueued(sink: Sink, handoff: Option<&Handoff>, result: crate::completion::RawResult) {
+    match handoff.map(Handoff::engine_takes) {
+        Some(Taken::CallerDone) => sink.release(),
+        _ => sink.complete(result),
     }
 }
 

@@ -23,6 +23,10 @@ pub(crate) struct Offer {
     pub fd: Arc<OwnedFd>,
     /// Its shared-memory region, on that transport.
     pub region: Option<Arc<WorkerRegion>>,
+    /// The shard has a receive posted on it: the shard reads its response. Not
+    /// armed (`TokenEntry::direct` only): a caller that waits reads it itself, and
+    /// any other must wake the shard to post the receive.
+    pub armed: bool,
 }
 
 #[derive(Default)]
@@ -84,7 +88,7 @@ mod tests {
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         assert!(fd >= 0);
         // SAFETY: fresh fd owned here.
-        Offer { key, gen, fd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }), region: None }
+        Offer { key, gen, fd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }), region: None, armed: true }
     }
 
     #[test]
