@@ -162,10 +162,12 @@ pub struct Config {
     /// (one thread hop less). Applies to code tokens without host calls, log capture
     /// or shared memory, and to responses up to 64 KiB arriving in one piece;
     /// anything else is left to the engine thread, with nothing consumed. For those
-    /// tokens an idle worker has no receive posted: a worker that closes its channel
-    /// while idle and keeps running is found when a request is written to it (that
-    /// request fails), and bytes it writes before its request are read as its
-    /// response. Off: the engine thread reads every response.
+    /// tokens, a worker that becomes ready while its shard has nothing in flight
+    /// gets no receive posted (under load every idle worker gets one, so callbacks
+    /// and futures cost the engine thread no extra wake-up): if it closes its
+    /// channel while idle and keeps running, that is found when a request is written
+    /// to it (that request fails), and bytes it writes before its request are read
+    /// as its response. Off: the engine thread reads every response.
     pub caller_reads: bool,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically

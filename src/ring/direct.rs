@@ -6,8 +6,9 @@
 //! thread hop less than a response the engine thread reads and passes on. It only
 //! applies where a response is nothing but one length-delimited frame on the
 //! socket: code tokens without host calls, log capture or shared memory (see
-//! `TokenEntry::direct`). For those tokens the shard posts no receive on an idle
-//! worker; it posts one when it reads a response itself.
+//! `TokenEntry::direct`), on a worker that became ready while its shard had
+//! nothing in flight: the shard posted no receive on it (`Offer::armed`), and
+//! posts one only when it reads the response itself.
 //!
 //! Who completes the execution is decided by one atomic ([`Handoff`]):
 //! - `May`: nobody reads yet. `wait` turns it into `Caller`; polling the future,

@@ -40,7 +40,8 @@ pub(crate) struct TokenEntry {
     /// A caller waiting for a handed-over execution may read its response from
     /// the socket itself (see [`direct`]): socket transport, no host calls, no log
     /// capture, and `Config::caller_reads`. The shard then posts no receive on
-    /// an idle worker of this token.
+    /// an idle worker of this token that became ready with nothing in flight on
+    /// the shard (`Offer::armed`).
     pub direct: bool,
     pub per_shard: Vec<ShardSlots>,
 }
