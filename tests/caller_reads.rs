@@ -39,15 +39,6 @@ fn say_hello(e: &Engine, t: &CodeToken) -> roma_byob::Execution<SampleResponse> 
     e.execute::<_, SampleResponse>(t, &SampleRequest::default(), opts()).unwrap()
 }
 
-/// Polls `Engine::live_workers` until it is `want` (at most 60 s).
-fn wait_live(e: &Engine, want: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while e.live_workers() != want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    e.live_workers()
-}
-
 #[test]
 fn wait_reads_the_response_itself_and_the_other_forms_do_not() {
     for mode in modes() {

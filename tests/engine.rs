@@ -191,17 +191,6 @@ fn patient() -> ExecuteOptions {
     ExecuteOptions { worker_wait_timeout: Duration::from_secs(60), timeout: Duration::from_secs(60), ..opts() }
 }
 
-/// Polls `Engine::live_workers` until it is `want` (at most 60 s); returns the last count.
-fn wait_live(e: &Engine, want: usize) -> usize {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut live = e.live_workers();
-    while live != want && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        live = e.live_workers();
-    }
-    live
-}
-
 #[test]
 fn a_worker_that_outlives_its_execution_is_killed_at_the_timeout() {
     for mode in modes() {

@@ -39,6 +39,17 @@ pub fn engine_with(mode: Mode, filter: SyscallFilter) -> Engine {
         .unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"))
 }
 
+/// Polls `Engine::live_workers` until it is `want` (at most 60 s); returns the last count.
+pub fn wait_live(e: &Engine, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut live = e.live_workers();
+    while live != want && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        live = e.live_workers();
+    }
+    live
+}
+
 pub fn sample(name: &str) -> PathBuf {
     let p = roma_byob::samples::path(name);
     assert!(p.is_file(), "sample UDF {} was not built", p.display());
