@@ -200,6 +200,12 @@ impl DirectRead {
             return None;
         }
         let start = Instant::now();
+        // Parking at once (the worker shares this core, and has not run since the
+        // request was written): wait before the first look, which would find nothing.
+        if spin.is_zero() && !direct::wait_readable(&self.fd, self.deadline.saturating_duration_since(start) + DEADLINE_MARGIN) {
+            self.leave_to_engine();
+            return None;
+        }
         // Set once part of a frame is there: waits for the rest.
         let mut arrivals: Option<Arrivals> = None;
         loop {

@@ -160,8 +160,9 @@ pub struct Config {
     /// worker's socket on the calling thread, so the worker's answer wakes the
     /// caller directly instead of the engine thread, which then woke the caller
     /// (one thread hop less). Applies to code tokens without host calls, log capture
-    /// or shared memory, and to responses up to 64 KiB arriving in one piece;
-    /// anything else is left to the engine thread, with nothing consumed. For those
+    /// or shared memory, and to responses of one frame up to 64 KiB (a frame written
+    /// in pieces is waited for); anything else is left to the engine thread, with
+    /// nothing consumed. For those
     /// tokens, a worker that becomes ready while its shard has nothing in flight
     /// gets no receive posted (under load every idle worker gets one, so callbacks
     /// and futures cost the engine thread no extra wake-up): if it closes its

@@ -204,15 +204,21 @@ fn peek(fd: &OwnedFd, buf: &mut [u8]) -> PeekResult {
 /// Blocks until `fd` is readable or closed, or `timeout` passes (false).
 pub(crate) fn wait_readable(fd: &OwnedFd, timeout: std::time::Duration) -> bool {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    ready_within(timeout, |ms| unsafe { libc::poll(&mut pfd, 1, ms) })
+}
+
+/// Runs `wait` (`poll` or `epoll_wait`: a count of ready descriptors, or -1) with
+/// `timeout` in ms, again after EINTR: true if something is ready, or on an error
+/// (the caller then looks, and gives the execution back if it finds nothing).
+fn ready_within(timeout: std::time::Duration, mut wait: impl FnMut(i32) -> i32) -> bool {
     let ms = i32::try_from(timeout.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
     loop {
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let r = wait(ms);
         if r >= 0 {
             return r > 0;
         }
         if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            // Let the caller look (and give the execution back if it finds nothing).
             return true;
         }
     }
@@ -250,18 +256,9 @@ impl Arrivals {
     /// `timeout` passes (false). The first call returns at once: registering a
     /// readable socket counts as an arrival.
     pub fn wait(&self, timeout: std::time::Duration) -> bool {
-        let ms = i32::try_from(timeout.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        loop {
-            // SAFETY: room for one event in `ev`, on our epoll instance.
-            let r = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ev, 1, ms) };
-            if r >= 0 {
-                return r > 0;
-            }
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return true;
-            }
-        }
+        // SAFETY: room for one event in `ev`, on our epoll instance.
+        ready_within(timeout, |ms| unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ev, 1, ms) })
     }
 }
 

@@ -1441,19 +1441,7 @@ impl Reactor {
     /// The caller read execution `id`'s response itself: forget it, and let the
     /// worker's slot refill.
     fn finish_caller_read(&mut self, id: u64) {
-        let Some(mut exec) = self.execs.remove(&id) else { return };
-        if let Some(sink) = exec.sink.take() {
-            sink.release();
-        }
-        let Some(key) = exec.worker else { return };
-        let Some(w) = self.worker(key) else { return };
-        if w.exec != Some(id) {
-            return;
-        }
-        w.exec = None;
-        if w.state == WState::Busy {
-            self.close_channel(key);
-        }
+        self.finish(id, None);
     }
 
     /// `Cmd::TakeOver`: the caller left the response to the shard.
@@ -1490,21 +1478,13 @@ impl Reactor {
         }
     }
 
-    /// The shard takes execution `id` over before it answers it (every answer goes
-    /// through here, see `complete`): a caller that was reading the socket is woken
-    /// by shutting it down, and then takes the shard's answer.
+    /// The shard takes handed-over execution `id` over (see `engine_takes_waking`;
+    /// `finish` does the same for every answer).
     fn take_over(&mut self, id: u64) -> Taken {
-        let Some(exec) = self.execs.get(&id) else { return Taken::Already };
-        let Some((handoff, fd)) = exec.handoff.as_ref() else { return Taken::Already };
-        let taken = handoff.engine_takes();
-        if taken == Taken::FromCaller {
-            if let Some(fd) = fd {
-                // SAFETY: shutting down a socket we hold open; the worker is being
-                // stopped anyway (deadline, cancel, delete, failure).
-                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
-            }
+        match self.execs.get(&id).and_then(|e| e.handoff.as_ref()) {
+            Some((handoff, fd)) => engine_takes_waking(handoff, fd.as_deref()),
+            None => Taken::Already,
         }
-        taken
     }
 
     fn on_worker_send(&mut self, key: u32, res: i32) {
@@ -1920,22 +1900,41 @@ impl Reactor {
     }
 
     fn complete(&mut self, id: u64, result: crate::completion::RawResult) {
-        if self.take_over(id) == Taken::CallerDone {
-            // The caller read the response first: it has its answer.
-            self.finish_caller_read(id);
-            return;
-        }
-        if let Some(mut exec) = self.execs.remove(&id) {
-            if let Some(key) = exec.worker {
-                if let Some(w) = self.worker(key) {
-                    if w.exec == Some(id) {
-                        w.exec = None;
-                    }
+        self.finish(id, Some(result));
+    }
+
+    /// Forgets execution `id` and answers it with `result`. No answer when there is
+    /// none, or when the caller read the response first (the shard takes every
+    /// other execution over, see `take_over`): then it has its answer, and the
+    /// worker's slot is released.
+    fn finish(&mut self, id: u64, result: Option<crate::completion::RawResult>) {
+        let Some(mut exec) = self.execs.remove(&id) else { return };
+        let caller_has_it = match (&exec.handoff, &result) {
+            (Some(_), None) => true,
+            (Some((handoff, fd)), Some(_)) => engine_takes_waking(handoff, fd.as_deref()) == Taken::CallerDone,
+            (None, _) => false,
+        };
+        let mut busy = None;
+        if let Some(key) = exec.worker {
+            if let Some(w) = self.worker(key) {
+                if w.exec == Some(id) {
+                    w.exec = None;
+                    busy = (w.state == WState::Busy).then_some(key);
                 }
             }
-            if let Some(sink) = exec.sink.take() {
+        }
+        match (exec.sink.take(), result) {
+            (Some(sink), Some(result)) if !caller_has_it => {
                 self.woke_waiter |= sink.is_channel();
                 sink.complete(result);
+            }
+            (sink, _) => {
+                if let Some(sink) = sink {
+                    sink.release();
+                }
+                if let Some(key) = busy.filter(|_| caller_has_it) {
+                    self.close_channel(key);
+                }
             }
         }
     }
@@ -2137,6 +2136,19 @@ impl Reactor {
             t.entry.per_shard[self.config.index].ready.clear();
         }
     }
+}
+
+/// The shard takes a handed-over execution over (`Handoff::engine_takes`); a
+/// caller that was reading `fd` is woken by shutting the socket down, and then
+/// takes the shard's answer.
+fn engine_takes_waking(handoff: &Handoff, fd: Option<&OwnedFd>) -> Taken {
+    let taken = handoff.engine_takes();
+    if let (Taken::FromCaller, Some(fd)) = (taken, fd) {
+        // SAFETY: shutting down a socket we hold open; the worker is being stopped
+        // anyway (deadline, cancel, delete, failure).
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    taken
 }
 
 /// Answers an execution the shard fails before it tracks it, unless its caller
