@@ -30,13 +30,21 @@
 //! defers to kworkers (namespace teardown) is counted; it also counts anything else
 //! running on the machine.
 //!
-//! `cargo run --release --example spawn_floor [-- --spawns N] [--recipe NAME]`
+//! `cargo run --release --example spawn_floor [-- --spawns N] [--recipe NAME] [--binary UDF]`
 //! (N per thread, default 4000; NAME one of fork, vfork, ns, worker, worker-no-userns).
+//!
+//! `--binary UDF` runs a real UDF instead of the tiny binary, with its whole
+//! conversation and no engine: for each spawn a socketpair whose far end the child
+//! gets as fd 3 (`argv[1]` = "3"), with an empty request already written to it; the
+//! UDF sends its ready byte, reads the request, answers and exits, and the parent
+//! checks that an answer came before it counts the spawn. That is the machine's
+//! floor for that UDF (its start-up, e.g. glibc's, included), to set beside
+//! `roma-byob demo --binary UDF`.
 
 #[cfg(target_arch = "x86_64")]
 mod floor {
     use std::io;
-    use std::os::fd::RawFd;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
@@ -97,18 +105,36 @@ mod floor {
 
     /// Writes `tiny_elf()` into a close-on-exec memfd and returns the fd.
     fn tiny_elf_memfd() -> io::Result<RawFd> {
-        let elf = tiny_elf();
+        memfd_with(&tiny_elf())
+    }
+
+    /// Copies the file at `path` into a close-on-exec memfd (as the engine loads a
+    /// UDF) and returns the fd.
+    fn binary_memfd(path: &str) -> io::Result<RawFd> {
+        memfd_with(&std::fs::read(path)?)
+    }
+
+    fn memfd_with(bytes: &[u8]) -> io::Result<RawFd> {
         // SAFETY: the name is NUL-terminated; memfd_create returns a fresh fd or -1.
-        let fd = unsafe { libc::memfd_create(c"spawn-floor-exit0".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"spawn-floor".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: writing our own buffer to our own fresh fd.
-        let written = unsafe { libc::write(fd, elf.as_ptr().cast(), elf.len()) };
-        if written != elf.len() as isize {
+        let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if written != bytes.len() as isize {
             return Err(io::Error::other("short write to the memfd"));
         }
-        Ok(fd)
+        // Above fd 3, which a UDF child gets its socket as.
+        // SAFETY: duplicating our own fd; the original is closed once copied.
+        let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        let err = io::Error::last_os_error();
+        // SAFETY: closing the fd made above.
+        unsafe { libc::close(fd) };
+        if high < 0 {
+            return Err(err);
+        }
+        Ok(high)
     }
 
     #[derive(Clone, Copy)]
@@ -171,11 +197,21 @@ mod floor {
         },
     ];
 
+    /// What the child execs.
+    #[derive(Clone, Copy)]
+    pub struct Exe {
+        fd: RawFd,
+        /// A UDF (`--binary`): it gets a socket as fd 3, holding its request.
+        udf: bool,
+    }
+
     /// Shared with a `CLONE_VM` child: what it needs, and what failed, if anything.
     #[repr(C)]
     struct ChildCtx {
         exe: RawFd,
-        argv: [*const libc::c_char; 2],
+        /// The UDF's end of its socket (made fd 3), or -1.
+        channel: RawFd,
+        argv: [*const libc::c_char; 3],
         envp: [*const libc::c_char; 1],
         harden: bool,
         failed_step: &'static str,
@@ -222,6 +258,15 @@ mod floor {
         // SAFETY (whole block): raw syscalls on this process's own attributes and fds;
         // every pointer passed points into ctx or to locals that outlive the call.
         unsafe {
+            // The child has its own fd table (no CLONE_FILES): the parent's fd 3 is
+            // untouched. dup2 leaves the new fd without close-on-exec.
+            // (`memfd_with` keeps the binary's fd above 3.)
+            if ctx.channel == 3 {
+                step!("fcntl(F_SETFD)", libc::fcntl(3, libc::F_SETFD, 0));
+            } else if ctx.channel >= 0 {
+                step!("dup2", libc::dup2(ctx.channel, 3));
+            }
+            let first_closed = if ctx.channel >= 0 { 4 } else { 3 };
             if ctx.harden {
                 let mut header = CapHeader {
                     version: CAP_VERSION_3,
@@ -256,7 +301,7 @@ mod floor {
                     "close_range",
                     libc::syscall(
                         libc::SYS_close_range,
-                        3,
+                        first_closed,
                         i32::MAX,
                         libc::CLOSE_RANGE_CLOEXEC
                     )
@@ -279,12 +324,35 @@ mod floor {
     /// One thread's spawner: owns its child stack.
     struct Spawner {
         kind: Kind,
-        exe: RawFd,
+        exe: Exe,
         stack: Vec<u128>,
     }
 
+    /// A socketpair (close-on-exec): (parent's end, child's end).
+    fn socketpair() -> Result<(OwnedFd, OwnedFd), String> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills the two-element array.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
+            return Err(format!("socketpair: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: two fresh fds, owned from here on.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    }
+
+    /// After the UDF exited: its ready byte and at least a one-byte answer frame
+    /// must be waiting on the parent's end.
+    fn check_answer(host: &OwnedFd) -> Result<(), String> {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a local buffer from our own fd.
+        let n = unsafe { libc::recv(host.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 2 {
+            return Err(format!("the UDF did not answer (read {n} bytes; it should send its ready byte and a response)"));
+        }
+        Ok(())
+    }
+
     impl Spawner {
-        fn new(kind: Kind, exe: RawFd) -> Spawner {
+        fn new(kind: Kind, exe: Exe) -> Spawner {
             // u128 keeps the stack (and its top) 16-byte aligned.
             Spawner {
                 kind,
@@ -293,9 +361,25 @@ mod floor {
             }
         }
 
-        /// Spawns one child that execs the tiny binary, and reaps it.
+        /// Spawns one child that execs the binary, and reaps it.
         fn spawn(&mut self) -> Result<(), String> {
-            let argv = [c"exit0".as_ptr(), std::ptr::null()];
+            let channel = if self.exe.udf {
+                let (host, child) = socketpair()?;
+                // The request: an empty message, length-delimited (one zero byte).
+                // SAFETY: writing a local byte to our own socket.
+                if unsafe { libc::write(host.as_raw_fd(), [0u8].as_ptr().cast(), 1) } != 1 {
+                    return Err(format!("write request: {}", io::Error::last_os_error()));
+                }
+                Some((host, child))
+            } else {
+                None
+            };
+            let child_fd = channel.as_ref().map_or(-1, |(_, c)| c.as_raw_fd());
+            let argv = if self.exe.udf {
+                [c"udf".as_ptr(), c"3".as_ptr(), std::ptr::null()]
+            } else {
+                [c"exit0".as_ptr(), std::ptr::null(), std::ptr::null()]
+            };
             let envp = [std::ptr::null()];
             let pid = match self.kind {
                 Kind::Fork => {
@@ -305,9 +389,12 @@ mod floor {
                     if pid == 0 {
                         // SAFETY: as above.
                         unsafe {
+                            if child_fd >= 0 && libc::dup2(child_fd, 3) < 0 {
+                                libc::_exit(127)
+                            }
                             libc::syscall(
                                 libc::SYS_execveat,
-                                self.exe,
+                                self.exe.fd,
                                 c"".as_ptr(),
                                 argv.as_ptr(),
                                 envp.as_ptr(),
@@ -323,7 +410,8 @@ mod floor {
                 }
                 Kind::Vfork { flags, harden } => {
                     let mut ctx = ChildCtx {
-                        exe: self.exe,
+                        exe: self.exe.fd,
+                        channel: child_fd,
                         argv,
                         envp,
                         harden,
@@ -357,8 +445,10 @@ mod floor {
                     pid
                 }
             };
+            // The parent's copy of the child's end: closed now, as the runner does.
+            let host = channel.map(|(host, _child)| host);
             match reap(pid)? {
-                0 => Ok(()),
+                0 => host.as_ref().map_or(Ok(()), check_answer),
                 127 => Err("child failed before or at exec (exit status 127)".into()),
                 status => Err(format!("child exited with wait status {status:#x}")),
             }
@@ -464,7 +554,7 @@ mod floor {
 
     /// `spawns` spawns in each of one thread per entry of `cpus`, each pinned to its
     /// CPU, all released together.
-    fn run(kind: Kind, exe: RawFd, cpus: &[usize], spawns: usize) -> Result<Run, String> {
+    fn run(kind: Kind, exe: Exe, cpus: &[usize], spawns: usize) -> Result<Run, String> {
         // `ready`: every thread pinned and warmed up; `go`: measurement starts.
         let ready = Arc::new(Barrier::new(cpus.len() + 1));
         let go = Arc::new(Barrier::new(cpus.len() + 1));
@@ -522,7 +612,7 @@ mod floor {
     fn usage() -> ! {
         let names: Vec<_> = RECIPES.iter().map(|r| r.name).collect();
         eprintln!(
-            "usage: cargo run --release --example spawn_floor [-- --spawns N] [--recipe {}]",
+            "usage: cargo run --release --example spawn_floor [-- --spawns N] [--recipe {}] [--binary UDF]",
             names.join("|")
         );
         std::process::exit(2)
@@ -531,6 +621,7 @@ mod floor {
     pub fn main() {
         let mut spawns = 4000usize;
         let mut only: Option<String> = None;
+        let mut binary: Option<String> = None;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let (key, inline) = match arg.split_once('=') {
@@ -552,6 +643,7 @@ mod floor {
                         .unwrap_or_else(|| usage())
                 }
                 "--recipe" => only = Some(value()),
+                "--binary" => binary = Some(value()),
                 _ => usage(),
             }
         }
@@ -563,17 +655,27 @@ mod floor {
             None => RECIPES.to_vec(),
         };
 
-        let exe = tiny_elf_memfd().unwrap_or_else(|e| {
-            eprintln!("memfd_create/write: {e}");
-            std::process::exit(1)
-        });
+        let (exe, child_desc) = match &binary {
+            Some(path) => {
+                let exe = binary_memfd(path).unwrap_or_else(|e| {
+                    eprintln!("{path}: {e}");
+                    std::process::exit(1)
+                });
+                (Exe { fd: exe, udf: true }, format!("the UDF {path} from a memfd (execveat), answering an empty request on fd 3"))
+            }
+            None => {
+                let exe = tiny_elf_memfd().unwrap_or_else(|e| {
+                    eprintln!("memfd_create/write: {e}");
+                    std::process::exit(1)
+                });
+                (Exe { fd: exe, udf: false }, format!("{}-byte static ELF from a memfd (execveat), exits 0", tiny_elf().len()))
+            }
+        };
         let cpus = allowed_cpus();
         let k = cpus.len();
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
-            "spawn floor: child = {}-byte static ELF from a memfd (execveat), exits 0; {spawns} spawns per thread; \
-             allowed CPUs {cpus:?}; loadavg {}",
-            tiny_elf().len(),
+            "spawn floor: child = {child_desc}; {spawns} spawns per thread; allowed CPUs {cpus:?}; loadavg {}",
             load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
         println!();
