@@ -120,6 +120,14 @@ pub struct Config {
     pub batch_wait: Duration,
     /// See `batch_wait`.
     pub batch_min_in_flight: usize,
+    /// A batched wait (see `batch_wait`) ends early once this many completions are
+    /// ready. The default, 64, is more than a shard collects in 200 µs here, so the
+    /// wait runs its full length. A small value (e.g. 4, with `batch_min_in_flight`
+    /// 2 and `batch_wait` 300 µs) wakes once per few completions on every loaded
+    /// shard: under saturation less engine CPU and more throughput, but higher
+    /// latency at medium load (BENCHMARKS.md, eighth session). Values below 1 count
+    /// as 1.
+    pub batch_want: usize,
     /// `minimal` mode with `runner_cores` empty: the runner thread serving an
     /// engine thread, and the workers it starts, run on that engine thread's core,
     /// so every hand-off between them stays on one core and no new process is
@@ -211,6 +219,7 @@ impl Default for Config {
             busy_poll: Duration::ZERO,
             batch_wait: Duration::from_micros(200),
             batch_min_in_flight: 8,
+            batch_want: 64,
             pin_workers: true,
             runner_channels: true,
             hand_over: true,

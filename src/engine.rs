@@ -107,6 +107,7 @@ impl Engine {
                 worker_start_timeout: config.worker_start_timeout,
                 batch_wait: config.batch_wait,
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
+                batch_want: config.batch_want.max(1),
                 max_response_bytes: config.max_response_bytes,
                 host_api: host_api.clone(),
                 shm_pool: shm_pool.clone(),

@@ -59,6 +59,10 @@ pub struct EngineArgs {
     /// (Config::batch_min_in_flight).
     #[arg(long, default_value_t = 8)]
     batch_min_in_flight: usize,
+    /// Completions that end a batched wait before --batch-wait-us has passed
+    /// (Config::batch_want; 64 = the wait's full length under any load seen here)
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_want: u32,
     /// Let workers run on any core instead of their engine thread's core
     /// (Config::pin_workers = false).
     #[arg(long)]
@@ -112,6 +116,7 @@ impl EngineArgs {
             busy_poll: std::time::Duration::from_micros(self.busy_poll_us),
             batch_wait: std::time::Duration::from_micros(self.batch_wait_us),
             batch_min_in_flight: self.batch_min_in_flight,
+            batch_want: self.batch_want as usize,
             pin_workers: !self.no_pin_workers,
             hand_over: !self.no_hand_over,
             runner_channels: !self.no_runner_channels,

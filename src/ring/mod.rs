@@ -131,6 +131,8 @@ pub(crate) struct ShardConfig {
     /// shard waits up to this long to collect several completions per wake-up.
     pub batch_wait: Duration,
     pub batch_min_in_flight: usize,
+    /// Completions that end a batched wait early.
+    pub batch_want: usize,
     pub max_response_bytes: usize,
     /// See `Config::worker_start_timeout`.
     pub worker_start_timeout: Duration,

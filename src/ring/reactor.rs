@@ -49,8 +49,6 @@ const SHARE_RESPONSE_MIN: usize = 32 << 20;
 /// Host calls one execution may have outstanding (running or reply unwritten).
 const MAX_CALLS_IN_FLIGHT: u32 = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Completions a batched wait asks for before its min_wait has passed.
-const BATCH_WANT: usize = 64;
 /// Longest sleep with no timer due (then the loop simply goes round). A caller that
 /// hands an execution over without waking the shard (`ShardShared::push_lazy`)
 /// wakes it only if its deadline comes before this.
@@ -416,7 +414,7 @@ impl Reactor {
 
     /// Submits and sleeps until completions arrive or the next timer is due. Under
     /// load (`batch_min_in_flight` executions or more) the kernel holds the wake-up
-    /// until `BATCH_WANT` completions are ready or `batch_wait` has passed with at
+    /// until `batch_want` completions are ready or `batch_wait` has passed with at
     /// least one (IORING_ENTER_EXT_ARG min_wait): a wake-up costs tens of µs of CPU
     /// in a VM, and under load one wake-up per batch instead of one per completion is
     /// most of the engine threads' CPU. One execution at a time never waits for it.
@@ -427,7 +425,7 @@ impl Reactor {
         if self.batching && self.execs.len() >= self.config.batch_min_in_flight {
             let us = self.config.batch_wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
-            return self.ring.submitter().submit_with_args(BATCH_WANT, &args);
+            return self.ring.submitter().submit_with_args(self.config.batch_want, &args);
         }
         let args = types::SubmitArgs::new().timespec(&ts);
         self.ring.submitter().submit_with_args(1, &args)
