@@ -93,6 +93,42 @@ fn async_callback_form() {
     }
 }
 
+/// Batched waits that end after a few completions (`Config::batch_want`), applied
+/// from two executions in flight: every execution is still answered once, with the
+/// UDF's response, and no worker is left behind.
+#[test]
+fn small_batches_answer_every_execution_once() {
+    for mode in modes() {
+        let config = Config {
+            mode,
+            batch_want: 2,
+            batch_min_in_flight: 2,
+            batch_wait: Duration::from_micros(300),
+            ..Default::default()
+        };
+        let e = Engine::new(config).unwrap_or_else(|err| panic!("engine in {mode:?}: {err}"));
+        let t = load(&e, "hello_world", 4);
+        let (tx, rx) = mpsc::channel();
+        let n = 40;
+        for i in 0..n {
+            let tx = tx.clone();
+            e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), opts(), move |r| {
+                tx.send((i, r.map(|r| r.response.greeting))).unwrap();
+            })
+            .unwrap();
+        }
+        let mut seen = vec![0; n];
+        for _ in 0..n {
+            let (i, r) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(r.unwrap(), "Hello, world!", "{mode:?}: execution {i}");
+            seen[i] += 1;
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{mode:?}: answers per execution {seen:?}");
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "{mode:?}: an execution was answered twice");
+        assert_eq!(wait_live(&e, 4), 4, "{mode:?}: workers left after the batch");
+    }
+}
+
 #[test]
 fn no_log_egress_by_default() {
     for mode in modes() {
