@@ -213,7 +213,9 @@ impl DirectRead {
             match peeked {
                 Peeked::Frame(body) => {
                     drop(arrivals);
-                    let shard_waits = self.handoff.caller_finishes()?;
+                    let Some(shard_waits) = self.handoff.caller_finishes() else {
+                        return None;
+                    };
                     let done = Instant::now();
                     let metrics = Metrics {
                         wait_for_worker: self.claimed.saturating_duration_since(self.submitted),
