@@ -213,9 +213,9 @@ impl DirectRead {
             match peeked {
                 Peeked::Frame(body) => {
                     drop(arrivals);
-                    let Some(shard_waits) = self.handoff.caller_finishes() else {
+                    if !self.handoff.caller_finishes() {
                         return None;
-                    };
+                    }
                     let done = Instant::now();
                     let metrics = Metrics {
                         wait_for_worker: self.claimed.saturating_duration_since(self.submitted),
@@ -226,14 +226,9 @@ impl DirectRead {
                         read_by_caller: true,
                     };
                     // The shard forgets the execution and closes the channel when it
-                    // next wakes: no wake-up for it now, unless the worker is gone and
-                    // its slot waits for this to refill.
+                    // next wakes: no wake-up for it now.
                     let DirectRead { exec, fd, shard, .. } = self;
-                    if shard_waits {
-                        shard.push(Cmd::CallerDone { exec, fd });
-                    } else {
-                        shard.push_quiet(Cmd::CallerDone { exec, fd });
-                    }
+                    shard.push_quiet(Cmd::CallerDone { exec, fd });
                     return Some(RawOutcome { body: body.into(), logs: None, metrics });
                 }
                 Peeked::Other => break,

@@ -22,11 +22,6 @@
 //!   `Caller` execution (deadline, cancel, delete): it shuts the socket down so the
 //!   caller wakes, and the caller then finds `Engine` and takes the shard's answer.
 //! - `Engine` and `Done` are final: exactly one side answers.
-//!
-//! A shard that finds the worker gone while the caller reads leaves the execution
-//! to the caller, but marks it (`CallerWake`, still the caller's): the caller then
-//! wakes the shard when it is done, so the worker's slot refills at once instead of
-//! at the shard's next wake-up.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -37,8 +32,6 @@ const MAY: u8 = 0;
 const CALLER: u8 = 1;
 const ENGINE: u8 = 2;
 const DONE: u8 = 3;
-/// `Caller`, and the shard waits for the caller's word (see the module docs).
-const CALLER_WAKE: u8 = 4;
 
 /// Who answers a handed-over execution (module docs).
 #[derive(Debug, Default)]
@@ -65,25 +58,17 @@ impl Handoff {
         self.state.compare_exchange(MAY, CALLER, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
-    /// The caller has a whole frame and keeps it (`Caller` → `Done`): `None` if the
-    /// shard took the execution first, else whether the shard waits to hear of it
-    /// (the caller must then wake it).
-    pub fn caller_finishes(&self) -> Option<bool> {
-        let mut cur = self.state.load(Ordering::Acquire);
-        while cur == CALLER || cur == CALLER_WAKE {
-            match self.state.compare_exchange(cur, DONE, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(cur == CALLER_WAKE),
-                Err(now) => cur = now,
-            }
-        }
-        None
+    /// The caller has a whole frame and keeps it (`Caller` → `Done`); false if the
+    /// shard took the execution first.
+    pub fn caller_finishes(&self) -> bool {
+        self.state.compare_exchange(CALLER, DONE, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// The caller leaves the answer to the shard (`May` or `Caller` → `Engine`):
     /// true if it did, and must tell the shard; false if the shard owns it already.
     pub fn give_back(&self) -> bool {
         let mut cur = self.state.load(Ordering::Acquire);
-        while cur == MAY || cur == CALLER || cur == CALLER_WAKE {
+        while cur == MAY || cur == CALLER {
             match self.state.compare_exchange(cur, ENGINE, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return true,
                 Err(now) => cur = now,
@@ -98,8 +83,7 @@ impl Handoff {
     }
 
     /// As [`Handoff::engine_takes`], but a caller that is reading keeps it
-    /// (`FromCaller` then means: left to the caller, which wakes the shard when it
-    /// finishes or gives the execution back).
+    /// (`FromCaller` then means: left to the caller).
     pub fn engine_takes_unless_reading(&self) -> Taken {
         self.take(true)
     }
@@ -107,15 +91,14 @@ impl Handoff {
     fn take(&self, keep_reader: bool) -> Taken {
         let mut cur = self.state.load(Ordering::Acquire);
         loop {
-            let (taken, next) = match cur {
-                MAY => (Taken::Unread, ENGINE),
-                CALLER_WAKE if keep_reader => return Taken::FromCaller,
-                CALLER if keep_reader => (Taken::FromCaller, CALLER_WAKE),
-                CALLER | CALLER_WAKE => (Taken::FromCaller, ENGINE),
+            let taken = match cur {
+                MAY => Taken::Unread,
+                CALLER if keep_reader => return Taken::FromCaller,
+                CALLER => Taken::FromCaller,
                 ENGINE => return Taken::Already,
                 _ => return Taken::CallerDone,
             };
-            match self.state.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            match self.state.compare_exchange(cur, ENGINE, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return taken,
                 Err(now) => cur = now,
             }
@@ -312,7 +295,7 @@ mod tests {
         assert!(h.caller_claims());
         assert!(!h.caller_claims());
         assert_eq!(h.engine_takes(), Taken::FromCaller);
-        assert_eq!(h.caller_finishes(), None);
+        assert!(!h.caller_finishes());
         assert!(!h.give_back());
         assert_eq!(h.engine_takes(), Taken::Already);
 
@@ -322,7 +305,7 @@ mod tests {
 
         let h = Handoff::default();
         assert!(h.caller_claims());
-        assert_eq!(h.caller_finishes(), Some(false));
+        assert!(h.caller_finishes());
         assert!(h.is_done());
         assert_eq!(h.engine_takes(), Taken::CallerDone);
         assert!(!h.give_back());
@@ -330,23 +313,8 @@ mod tests {
         let h = Handoff::default();
         assert!(h.caller_claims());
         assert_eq!(h.engine_takes_unless_reading(), Taken::FromCaller);
-        assert_eq!(h.engine_takes_unless_reading(), Taken::FromCaller);
-        // The shard waits for the caller's word: the caller must wake it.
-        assert_eq!(h.caller_finishes(), Some(true));
+        assert!(h.caller_finishes());
         assert_eq!(h.engine_takes_unless_reading(), Taken::CallerDone);
-
-        // Left to the caller, then taken (deadline): the caller finds `Engine`.
-        let h = Handoff::default();
-        assert!(h.caller_claims());
-        assert_eq!(h.engine_takes_unless_reading(), Taken::FromCaller);
-        assert_eq!(h.engine_takes(), Taken::FromCaller);
-        assert_eq!(h.caller_finishes(), None);
-        // Left to the caller, which gives it back.
-        let h = Handoff::default();
-        assert!(h.caller_claims());
-        assert_eq!(h.engine_takes_unless_reading(), Taken::FromCaller);
-        assert!(h.give_back());
-        assert_eq!(h.engine_takes_unless_reading(), Taken::Already);
         let h = Handoff::default();
         assert_eq!(h.engine_takes_unless_reading(), Taken::Unread);
         assert!(!h.caller_claims());

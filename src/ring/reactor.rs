@@ -1407,8 +1407,7 @@ impl Reactor {
             return true;
         }
         match handoff.engine_takes_unless_reading() {
-            // The caller is reading what the worker left: it finishes (and, told
-            // by the handoff, wakes the shard with its `CallerDone`), or gives the
+            // The caller is reading what the worker left: it finishes, or gives the
             // execution back (`TakeOver`).
             Taken::FromCaller => true,
             Taken::CallerDone => {
