@@ -172,7 +172,16 @@ enum Timer {
     /// A worker (key, generation) closed its channel before its request: it must
     /// have exited by now.
     ExitBy(u32, u32),
+    /// The worker of a handed-over execution exited while its caller was reading
+    /// the response: see whether the caller is done (see `exit_before_read`).
+    CallerRead(u64),
 }
+
+/// How soon the shard looks again at an execution whose worker exited while its
+/// caller was reading. The caller finishes in µs; looking then frees the worker's
+/// slot without the caller having to wake the shard (a wake-up inside `wait`
+/// would add its cost to every such request's latency).
+const CALLER_RECHECK: Duration = Duration::from_millis(1);
 
 /// How long a worker that closed its channel (before its request, or before its
 /// response) may take to exit before it is killed. A crash closes the channel a
@@ -1407,9 +1416,13 @@ impl Reactor {
             return true;
         }
         match handoff.engine_takes_unless_reading() {
-            // The caller is reading what the worker left: it finishes, or gives the
-            // execution back (`TakeOver`).
-            Taken::FromCaller => true,
+            // The caller is reading what the worker left: it finishes (its
+            // `CallerDone` wakes nobody: the shard looks again shortly, so that the
+            // slot refills), or gives the execution back (`TakeOver`).
+            Taken::FromCaller => {
+                self.timers.push(Reverse((Instant::now() + CALLER_RECHECK, Timer::CallerRead(id))));
+                true
+            }
             Taken::CallerDone => {
                 self.finish_caller_read(id);
                 true
@@ -2010,6 +2023,16 @@ impl Reactor {
                         format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis())
                     });
                     self.kill_closed_busy(key, gen);
+                }
+                Timer::CallerRead(id) => {
+                    let Some(e) = self.execs.get(&id) else { continue };
+                    let Some((handoff, _)) = e.handoff.as_ref() else { continue };
+                    if handoff.is_done() {
+                        self.finish_caller_read(id);
+                    } else if !e.engine_reads {
+                        // Still reading (or its `TakeOver` is queued): look again.
+                        self.timers.push(Reverse((now + CALLER_RECHECK, Timer::CallerRead(id))));
+                    }
                 }
                 Timer::Respawn(token) => {
                     if let Some(t) = self.tokens.get_mut(&token) {
