@@ -124,9 +124,9 @@ pub struct Config {
     /// ready. The default, 64, is more than a shard collects in 200 µs here, so the
     /// wait runs its full length. A small value (e.g. 4, with `batch_min_in_flight`
     /// 2 and `batch_wait` 300 µs) wakes once per few completions on every loaded
-    /// shard: under saturation less engine CPU and more throughput, but higher
-    /// latency at medium load (BENCHMARKS.md, eighth session). Values below 1 count
-    /// as 1.
+    /// shard; it costs latency at medium load, and its throughput gain is gone
+    /// since the runner batches exit reports (BENCHMARKS.md, eighth session).
+    /// Values below 1 count as 1.
     pub batch_want: usize,
     /// `minimal` mode with `runner_cores` empty: the runner thread serving an
     /// engine thread, and the workers it starts, run on that engine thread's core,
