@@ -2,8 +2,9 @@
 //! ready worker, cancels, deletes and shuts down.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -225,13 +226,9 @@ impl Engine {
                 meta.permissions().mode() & 0o7777
             )));
         }
-        let mut magic = [0u8; 4];
-        let got = file.read_at(&mut magic, 0).map_err(|e| Error::io("read binary", e))?;
-        self.check_load(&magic[..got], &path.display().to_string(), &options)?;
-        // Copied file to memfd in the kernel (`std::io::copy` uses copy_file_range or
-        // sendfile between files): no user-space buffer to fault in and fill.
-        let binary = sealed_memfd(|memfd| std::io::copy(&mut file, &mut &*memfd).map(|_| ()))?;
-        Ok(self.register(Arc::new(binary), &options))
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes).map_err(|e| Error::io("read binary", e))?;
+        self.load_bytes(&bytes, &path.display().to_string(), options)
     }
 
     /// Loads a binary given as bytes (an ELF executable).
@@ -404,16 +401,7 @@ impl Engine {
     }
 
     fn load_bytes(&self, bytes: &[u8], what: &str, options: LoadOptions) -> Result<CodeToken> {
-        self.check_load(bytes, what, &options)?;
-        use std::io::Write;
-        let binary = Arc::new(sealed_memfd(|mut memfd| memfd.write_all(bytes))?);
-        Ok(self.register(binary, &options))
-    }
-
-    /// Checks before a load: `head` (the binary's first bytes) is an ELF executable,
-    /// the sandbox is up, and the options are valid.
-    fn check_load(&self, head: &[u8], what: &str, options: &LoadOptions) -> Result<()> {
-        if head.len() < 4 || &head[..4] != b"\x7fELF" {
+        if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
             return Err(Error::InvalidArgument(format!(
                 "{what} is not an ELF executable (UDFs must be compiled binaries; scripts are not supported)"
             )));
@@ -429,7 +417,8 @@ impl Engine {
                 )));
             }
         }
-        Ok(())
+        let binary = Arc::new(sealed_memfd(bytes)?);
+        Ok(self.register(binary, &options))
     }
 
     fn register(&self, binary: Arc<OwnedFd>, options: &LoadOptions) -> CodeToken {
@@ -692,8 +681,7 @@ fn poisoned() -> Error {
 
 /// Copies the binary into a sealed memfd: later changes to the file on disk cannot
 /// change what a code token runs.
-/// A sealed, read-only memfd holding what `fill` writes into it.
-fn sealed_memfd(fill: impl FnOnce(&std::fs::File) -> std::io::Result<()>) -> Result<OwnedFd> {
+fn sealed_memfd(bytes: &[u8]) -> Result<OwnedFd> {
     // SAFETY: valid NUL-terminated name; returns a fresh fd.
     let fd = unsafe { libc::memfd_create(c"roma-byob-udf".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
@@ -702,7 +690,8 @@ fn sealed_memfd(fill: impl FnOnce(&std::fs::File) -> std::io::Result<()>) -> Res
     // SAFETY: fresh fd owned by us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let file = std::fs::File::from(fd);
-    fill(&file).map_err(|e| Error::io("write memfd", e))?;
+    use std::io::Write;
+    (&file).write_all(bytes).map_err(|e| Error::io("write memfd", e))?;
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl on our own fd.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
