@@ -199,7 +199,7 @@ mod floor {
 
     /// What the child execs.
     #[derive(Clone, Copy)]
-    pub struct Exe {
+    struct Exe {
         fd: RawFd,
         /// A UDF (`--binary`): it gets a socket as fd 3, holding its request.
         udf: bool,
@@ -389,7 +389,14 @@ mod floor {
                     if pid == 0 {
                         // SAFETY: as above.
                         unsafe {
-                            if child_fd >= 0 && libc::dup2(child_fd, 3) < 0 {
+                            // As in `child_main`: fd 3 must be the socket, without
+                            // close-on-exec.
+                            let moved = match child_fd {
+                                3 => libc::fcntl(3, libc::F_SETFD, 0),
+                                fd if fd >= 0 => libc::dup2(fd, 3),
+                                _ => 0,
+                            };
+                            if moved < 0 {
                                 libc::_exit(127)
                             }
                             libc::syscall(

@@ -134,12 +134,12 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     report("waiting for a worker", &wait);
     report("sending the request", &send);
     report("waiting for the response", &resp);
-    if let (Some(before), Some(after)) = (engine_ns_before, engine_cpu_ns()) {
+    if let (Some(before), Some(after), true) = (engine_ns_before, engine_cpu_ns(), a.sequential > 0) {
         // Everything the engine threads did for these executions, the slots' refills
         // included (the paced loop leaves them nothing else to do).
         println!(
             "  CPU per execution: engine threads {:.1} µs (from /proc schedstat)",
-            after.saturating_sub(before) as f64 / 1e3 / a.sequential.max(1) as f64
+            after.saturating_sub(before) as f64 / 1e3 / a.sequential as f64
         );
     }
 

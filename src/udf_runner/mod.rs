@@ -326,8 +326,9 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
 }
 
 /// Shortest time between two reaps while exits come faster than this (see
-/// `serve`): in interleaved `demo` runs (no-libc UDF), 5-10 % less CPU in the
-/// engine threads and the runner per execution. A worker's slot is refilled when
+/// `serve`): in six interleaved `demo` pairs (no-libc UDF), medians of 7 % less
+/// CPU per execution in the engine threads and 12 % less in the runner
+/// (BENCHMARKS.md, eighth session). A worker's slot is refilled when
 /// its execution completes, not when its exit is reported: the report only names
 /// a failure's cause and frees the engine's record of the worker. Workers whose
 /// exit completes an execution (logs, shared memory) are reported at once.
