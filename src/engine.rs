@@ -554,6 +554,7 @@ impl Engine {
         if let Some((shard, offer, claim)) = claimed {
             let handed = claim.handed;
             let (key, gen, at) = (claim.key, claim.gen, claim.at);
+            let deadline = ring::deadline_after(at, options.timeout);
             let shared = &self.shards[shard].shared;
             let direct = (handed && !offer.armed && sink.is_channel()).then(|| {
                 Box::new(DirectRead {
@@ -562,7 +563,7 @@ impl Engine {
                     fd: offer.fd.clone(),
                     shard: shared.clone(),
                     max_response_bytes: self.config.max_response_bytes,
-                    deadline: ring::deadline_after(at, options.timeout),
+                    deadline,
                     submitted,
                     claimed: at,
                     idle_left: entry.per_shard[shard].idle.load(Ordering::Relaxed).saturating_sub(1),
@@ -592,7 +593,7 @@ impl Engine {
                 // Queued before the first byte can reach the worker, so the shard
                 // knows the execution before it can see the answer; woken only if its
                 // own timer would come after the execution's deadline.
-                shared.push_lazy(Cmd::Execute(req), ring::deadline_after(at, options.timeout));
+                shared.push_lazy(Cmd::Execute(req), deadline);
             }
             static DOORBELL: [u8; 1] = [0];
             let bytes: &[u8] = match &frame_built {
