@@ -95,6 +95,33 @@ fn an_execution_waited_for_late_is_answered_by_the_engine_thread() {
 }
 
 #[test]
+fn a_worker_that_reads_on_after_answering_sees_the_channel_close() {
+    // `exit_on_eof` answers, then reads until EOF. Its channel is closed once the
+    // response is read, whoever reads it (the calling thread or the engine thread),
+    // so it exits at once: long before the execution's 120 s timeout, at which a
+    // worker still running would be killed.
+    for mode in modes() {
+        for caller_reads in [true, false] {
+            let what = format!("{mode:?}, caller_reads {caller_reads}");
+            let e = engine_reading(mode, caller_reads);
+            let t = load(&e, "exit_on_eof", 1);
+            let o = ExecuteOptions { timeout: Duration::from_secs(120), ..opts() };
+            for i in 0..3 {
+                warm(&e, &t);
+                let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), o.clone()).unwrap().wait();
+                greeting(r, &format!("{what}, execution {i}"));
+                // The answered worker is gone and its slot's new worker is up.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while (e.live_workers() != 1 || e.idle_workers(&t).unwrap() != 1) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert_eq!(e.live_workers(), 1, "{what}, execution {i}: the answered worker did not exit within 10 s");
+            }
+        }
+    }
+}
+
+#[test]
 fn dropped_executions_leave_no_worker_behind() {
     for mode in modes() {
         let e = engine(mode);

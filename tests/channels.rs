@@ -1,8 +1,9 @@
 //! Worker channels: made by the runner ahead of need and taken with `pidfd_getfd`
 //! (`Config::runner_channels`, minimal mode), or made by the engine thread and sent
-//! with the spawn order. Either way every execution works, the runner keeps no
-//! host end once the engine holds it, and neither side leaks channels. Alone in its
-//! own test binary so fd counts are not disturbed by other tests.
+//! with the spawn order. Either way every execution works, the runner keeps a host
+//! end the engine took only while that channel's worker lives (or the channel is in
+//! stock), and neither side leaks channels. Alone in its own test binary so fd
+//! counts are not disturbed by other tests.
 
 mod common;
 
@@ -68,11 +69,30 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
             continue;
         }
 
-        // No socket is open in both: the runner closed every host end the engine took.
         let runner_fds = fds_of(&runner);
         let engine_after = fds_of("self");
         let shared: Vec<_> = sockets(&runner_fds).into_iter().filter(|s| sockets(&engine_after).contains(s)).collect();
-        assert!(shared.is_empty(), "runner_channels {runner_channels}: sockets open on both sides: {shared:?}");
+        let runner_only = sockets(&runner_fds).len() - shared.len();
+        let live = e.live_workers();
+        if runner_channels {
+            // Open in both: the host ends of the live workers' channels (the runner
+            // closes its copy when it reaps the worker) and of the engine's stock.
+            assert!(
+                shared.len() >= live && shared.len() <= live + shards * STOCK_BOUND,
+                "runner_channels {runner_channels}: {} sockets open on both sides, {live} live workers",
+                shared.len()
+            );
+            // The runner's own: its control connections and the worker ends of the
+            // stock, one per stocked host end. A host end kept after its worker was
+            // reaped (100 executions ran) would be counted here.
+            assert!(
+                runner_only + live <= shards + shared.len(),
+                "runner_channels {runner_channels}: {runner_only} sockets only in the runner, {} shared, {live} live workers",
+                shared.len()
+            );
+        } else {
+            assert!(shared.is_empty(), "runner_channels {runner_channels}: sockets open on both sides: {shared:?}");
+        }
         // The runner's sockets: its control connections and, with runner-made
         // channels, the worker ends of the stock: bounded, whatever ran before.
         let stock = if runner_channels { STOCK_BOUND } else { 0 };

@@ -144,6 +144,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     }
 
     let cpu_before = CpuSample::take(engine.sandbox_pid());
+    let engine_ns_before = engine_cpu_ns();
     // Completions land in a queue the submitting thread drains every `collect_us`:
     // a callback that woke this thread per completion would add a futex wake-up
     // (~10 µs of CPU here) to the engine thread's cost of every execution.
@@ -193,9 +194,13 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         failures
     );
     report("latency under load", &lat);
+    let engine_ns = engine_ns_before.zip(engine_cpu_ns()).map(|(before, after)| after.saturating_sub(before));
     if let (Some(before), Some(after)) = (cpu_before, CpuSample::take(engine.sandbox_pid())) {
         let n = a.executions as f64;
         let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
+        if let Some(ns) = engine_ns {
+            println!("  CPU per execution: engine threads {:.1} µs (from /proc schedstat)", ns as f64 / 1e3 / n);
+        }
         println!(
             "  CPU per execution: engine threads {:.1} µs, runner {:.1} µs, workers {:.1} µs (from /proc, {} ticks/s)",
             us(after.engine - before.engine),

@@ -904,14 +904,16 @@ impl Reactor {
     }
 
     /// The runner made channels: take each host end from its descriptor table into
-    /// the stock, and tell the runner to close its copies. If none could be had,
-    /// this shard falls back to making channels itself.
+    /// the stock. The runner keeps its copy of each until the channel's worker is
+    /// reaped, and so closes the socket for good: our close (`close_channel`) is
+    /// then only a reference drop on this thread. Channels this shard cannot take
+    /// are named unused, for the runner to close. If none could be had, this shard
+    /// falls back to making channels itself.
     fn on_channels(&mut self, report: Channels) {
         self.channels_requested = false;
         let mut taken = ChannelsTaken::default();
         let mut failure = (!report.error.is_empty()).then(|| format!("the runner could not make channels: {}", report.error));
         for ch in report.channels {
-            taken.fds.push(ch.fd);
             if self.runner.is_none() {
                 taken.unused.push(ch.id);
                 continue;
@@ -924,7 +926,7 @@ impl Reactor {
                 }
             }
         }
-        if !taken.fds.is_empty() {
+        if !taken.unused.is_empty() {
             self.ctl_out.push(host_to_runner::Msg::ChannelsTaken(taken), Vec::new());
         }
         if let Some(why) = failure {
@@ -1138,9 +1140,12 @@ impl Reactor {
         let release = w.state != WState::Finished;
         w.state = WState::Finished;
         let token = w.token;
-        if w.inflight > 0 {
+        // Pending ops complete promptly, and the worker reads EOF: closing our fd
+        // alone would not tell it, the runner holds a copy of this end until the
+        // worker is reaped (`udf_runner::Worker::host_end`).
+        if w.exited.is_none() || w.inflight > 0 {
             if let Some(fd) = w.fd.as_ref() {
-                // SAFETY: shutting down a socket we own; in-flight ops complete promptly.
+                // SAFETY: shutting down a socket we own.
                 unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
         }

@@ -124,6 +124,11 @@ struct Worker {
     /// Its exit completes an execution (the engine delivers logs, or a response in
     /// shared memory, once the worker has exited): reported without delay.
     awaited: bool,
+    /// This runner's copy of the host end of the worker's channel (`MakeChannels`),
+    /// closed after the worker is reaped. The engine's own copy is then never the
+    /// last one, so the socket's release (~10 µs of kernel work) runs here, on the
+    /// reaping thread, rather than on an engine thread.
+    host_end: Option<OwnedFd>,
 }
 
 /// Nice value of the connection threads and so of every worker (see `ConnThread::run`).
@@ -445,6 +450,7 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
 /// for the whole batch (fewer wake-ups of the engine threads).
 fn reap(shared: &Shared) {
     let mut batches: Vec<Vec<u8>> = vec![Vec::new(); shared.conns.len()];
+    let mut host_ends = Vec::new();
     {
         let mut tables = lock(&shared.tables);
         loop {
@@ -459,6 +465,7 @@ fn reap(shared: &Shared) {
                     tables.awaited -= usize::from(w.awaited);
                     tables.by_worker.remove(&(w.conn, w.worker_id));
                     Shared::exited(w.worker_id, status, &mut batches[w.conn]);
+                    host_ends.extend(w.host_end);
                 }
                 None => {
                     tables.early.insert(pid, status);
@@ -471,6 +478,8 @@ fn reap(shared: &Shared) {
             shared.send_frames(idx, bytes);
         }
     }
+    // After the reports, so the engine threads are not kept waiting for them.
+    drop(host_ends);
 }
 
 /// One control connection: its orders, binaries and spawner.
@@ -484,11 +493,10 @@ struct ConnThread {
     spawner: Spawner,
     /// Why this connection starts no worker (its seccomp gate is missing).
     refuse: Option<String>,
-    /// Host ends of the channels this thread made (`MakeChannels`), by fd number,
-    /// until the host says it has taken them (`ChannelsTaken`).
-    host_ends: HashMap<RawFd, OwnedFd>,
-    /// Worker ends of those channels, by channel id, until a spawn uses them.
-    worker_ends: HashMap<u64, OwnedFd>,
+    /// Channels this thread made (`MakeChannels`), by channel id, as (host end,
+    /// worker end), until a spawn uses them or the host says it never will
+    /// (`ChannelsTaken::unused`). A spawn moves the host end to its worker's record.
+    made: HashMap<u64, (OwnedFd, OwnedFd)>,
     next_channel: u64,
 }
 
@@ -504,8 +512,7 @@ impl ConnThread {
             binaries: HashMap::new(),
             spawner,
             refuse: None,
-            host_ends: HashMap::new(),
-            worker_ends: HashMap::new(),
+            made: HashMap::new(),
             next_channel: 1,
         }
     }
@@ -606,8 +613,7 @@ impl ConnThread {
         drop(tables);
         self.binaries.clear();
         self.fds.clear();
-        self.host_ends.clear();
-        self.worker_ends.clear();
+        self.made.clear();
     }
 
     fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), Stop> {
@@ -641,10 +647,8 @@ impl ConnThread {
                         Ok((host, worker)) => {
                             let id = self.next_channel;
                             self.next_channel += 1;
-                            let fd = host.as_raw_fd();
-                            self.host_ends.insert(fd, host);
-                            self.worker_ends.insert(id, worker);
-                            report.channels.push(Channel { id, fd });
+                            report.channels.push(Channel { id, fd: host.as_raw_fd() });
+                            self.made.insert(id, (host, worker));
                         }
                         Err(e) => {
                             report.error = format!("socketpair: {e}");
@@ -657,19 +661,20 @@ impl ConnThread {
                 }
             }
             host_to_runner::Msg::ChannelsTaken(taken) => {
-                // Only ends this thread made are closed, whatever the host says.
-                for fd in taken.fds {
-                    self.host_ends.remove(&fd);
-                }
+                // Only channels this thread made are closed, whatever the host says.
+                // The host ends it took stay open here until their workers are
+                // reaped (`Worker::host_end`).
                 for id in taken.unused {
-                    self.worker_ends.remove(&id);
+                    self.made.remove(&id);
                 }
             }
             host_to_runner::Msg::Spawn(sp) => {
-                let channel = if sp.channel != 0 {
-                    self.worker_ends.remove(&sp.channel).ok_or_else(|| format!("Spawn names unknown channel {}", sp.channel))?
+                let (host_end, channel) = if sp.channel != 0 {
+                    let (host, worker) =
+                        self.made.remove(&sp.channel).ok_or_else(|| format!("Spawn names unknown channel {}", sp.channel))?;
+                    (Some(host), worker)
                 } else {
-                    self.fds.pop_front().ok_or("Spawn without its channel fd")?
+                    (None, self.fds.pop_front().ok_or("Spawn without its channel fd")?)
                 };
                 let logs = if sp.log {
                     let out = self.fds.pop_front().ok_or("Spawn without its stdout fd")?;
@@ -715,7 +720,10 @@ impl ConnThread {
                                 None => {
                                     let awaited = sp.log || sp.shm;
                                     tables.awaited += usize::from(awaited);
-                                    tables.pids.insert(pid, Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id, awaited });
+                                    tables.pids.insert(
+                                        pid,
+                                        Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id, awaited, host_end },
+                                    );
                                     tables.by_worker.insert((self.idx, sp.worker_id), pid);
                                     None
                                 }
