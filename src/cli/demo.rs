@@ -138,8 +138,8 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         // Everything the engine threads did for these executions, the slots' refills
         // included (the paced loop leaves them nothing else to do).
         println!(
-            "  CPU per execution: engine threads {:.1} µs (from /proc schedstat)",
-            after.saturating_sub(before) as f64 / 1e3 / a.sequential as f64
+            "  CPU per execution: engine threads {} (from /proc schedstat and status)",
+            EngineCpu::per_execution(before, after, a.sequential)
         );
     }
 
@@ -194,12 +194,15 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         failures
     );
     report("latency under load", &lat);
-    let engine_ns = engine_ns_before.zip(engine_cpu_ns()).map(|(before, after)| after.saturating_sub(before));
+    let engine_cpu = engine_ns_before.zip(engine_cpu_ns());
     if let (Some(before), Some(after)) = (cpu_before, CpuSample::take(engine.sandbox_pid())) {
         let n = a.executions as f64;
         let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
-        if let Some(ns) = engine_ns {
-            println!("  CPU per execution: engine threads {:.1} µs (from /proc schedstat)", ns as f64 / 1e3 / n);
+        if let Some((before, after)) = engine_cpu {
+            println!(
+                "  CPU per execution: engine threads {} (from /proc schedstat and status)",
+                EngineCpu::per_execution(before, after, a.executions)
+            );
         }
         println!(
             "  CPU per execution: engine threads {:.1} µs, runner {:.1} µs, workers {:.1} µs (from /proc, {} ticks/s)",
@@ -223,16 +226,40 @@ fn ticks_per_second() -> f64 {
 
 /// Nanoseconds on CPU of this process's engine threads (`roma-ring-*`), from
 /// `/proc/self/task/*/schedstat`: exact, where `stat`'s ticks are 10 ms apart.
-fn engine_cpu_ns() -> Option<u64> {
-    let mut ns = 0;
+/// Also counts the threads' sleeps: their voluntary context switches (from
+/// `status`), one per wait that found nothing to do, i.e. one per wake-up.
+fn engine_cpu_ns() -> Option<EngineCpu> {
+    let mut cpu = EngineCpu { ns: 0, sleeps: 0 };
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.starts_with("roma-ring-") {
             let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+            cpu.ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
+            cpu.sleeps += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
         }
     }
-    Some(ns)
+    Some(cpu)
+}
+
+/// The engine threads' CPU time and sleeps so far (see `engine_cpu_ns`).
+#[derive(Clone, Copy)]
+struct EngineCpu {
+    ns: u64,
+    sleeps: u64,
+}
+
+impl EngineCpu {
+    /// "X µs, Y wake-ups per execution" between `before` and `after`.
+    fn per_execution(before: EngineCpu, after: EngineCpu, executions: usize) -> String {
+        let n = executions.max(1) as f64;
+        format!(
+            "{:.1} µs, {:.2} wake-ups",
+            after.ns.saturating_sub(before.ns) as f64 / 1e3 / n,
+            after.sleeps.saturating_sub(before.sleeps) as f64 / n
+        )
+    }
 }
 
 /// CPU ticks (user + system) of this process's engine threads, of the sandbox's top
