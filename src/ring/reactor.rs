@@ -318,9 +318,14 @@ impl Reactor {
     fn flush_sqes(&mut self) {
         if self.runner_dead {
             // Nothing more goes to a dead runner.
-        } else if let Some(sqe) = self.ctl_out.next_sqe(self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
-            self.ctl_inflight += 1;
-            self.pending_sqes.push(sqe);
+        } else {
+            if let Some(sqe) = self.ctl_out.next_sqe(self.ctl.as_raw_fd(), ud(K_CTL_SEND, 0, 0)) {
+                self.ctl_inflight += 1;
+                self.pending_sqes.push(sqe);
+            }
+            for fd in self.ctl_out.take_sent_fds() {
+                self.close_async(fd);
+            }
         }
         let mut i = 0;
         while i < self.pending_sqes.len() {
