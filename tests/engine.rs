@@ -482,3 +482,26 @@ fn sort_list_sorts() {
         assert!(r.min <= r.max && r.count == 3);
     }
 }
+
+#[test]
+fn each_worker_runs_its_own_code_across_deletes_and_loads() {
+    // The runner reuses fd numbers of deleted binaries; a worker must still exec the
+    // binary of its own code (the spawner keeps the last binary in a slot).
+    for mode in modes() {
+        let e = engine(mode);
+        for round in 0..4 {
+            let h = load(&e, "hello_world", 2);
+            assert_eq!(hello(&e, &h).unwrap(), "Hello, world!", "{mode:?}, round {round}");
+            let p = load(&e, "probe", 2);
+            assert_eq!(probe(&e, &p, "open_fds", ""), "0,1,2,3", "{mode:?}, round {round}");
+            assert_eq!(hello(&e, &h).unwrap(), "Hello, world!", "{mode:?}, round {round}, after the probe");
+            if round % 2 == 0 {
+                e.delete(&h).unwrap();
+                e.delete(&p).unwrap();
+            } else {
+                e.delete(&p).unwrap();
+                e.delete(&h).unwrap();
+            }
+        }
+    }
+}

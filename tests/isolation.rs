@@ -171,3 +171,26 @@ fn library_mounts_may_live_under_tmp_and_be_single_files() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn a_worker_holds_only_its_own_descriptors() {
+    use roma_byob::LoadOptions;
+    for mode in modes() {
+        let e = engine(mode);
+        // Other pools alive meanwhile: their channels' ends, and the stock, are open
+        // in the runner when these workers start.
+        let others = load(&e, "hello_world", 8);
+        assert_eq!(hello(&e, &others).unwrap(), "Hello, world!");
+        let plain = load(&e, "probe", 4);
+        for i in 0..6 {
+            // stdin, stdout, stderr and the channel, nothing of the runner's.
+            assert_eq!(probe(&e, &plain, "open_fds", ""), "0,1,2,3", "{mode:?}, execution {i}");
+        }
+        let logged = e.load(sample("probe"), LoadOptions { workers: 2, log_egress: true, ..Default::default() }).unwrap();
+        assert_eq!(probe(&e, &logged, "open_fds", ""), "0,1,2,3", "{mode:?}, log capture");
+        let shm = e.load(sample("probe"), LoadOptions { workers: 2, shared_memory: Some(1 << 16), ..Default::default() }).unwrap();
+        assert_eq!(probe(&e, &shm, "open_fds", ""), "0,1,2,3,4", "{mode:?}, shared memory");
+        // And again plain, after workers with logs and shared memory started.
+        assert_eq!(probe(&e, &plain, "open_fds", ""), "0,1,2,3", "{mode:?}, plain again");
+    }
+}

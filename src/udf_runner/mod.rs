@@ -26,7 +26,7 @@ use crate::ipc::control::{
 };
 use crate::ipc::{fdpass, frame};
 use crate::sandbox::{gate, policy, rootfs, seccomp};
-use spawn::{SpawnPlan, Spawner};
+use spawn::{FdSlots, SpawnPlan, Spawner};
 
 /// Runner settings, passed as command-line arguments by the engine.
 #[derive(Debug, Default)]
@@ -125,9 +125,9 @@ struct Worker {
     /// shared memory, once the worker has exited): reported without delay.
     awaited: bool,
     /// This runner's copy of the host end of the worker's channel (`MakeChannels`),
-    /// closed after the worker is reaped. The engine's own copy is then never the
-    /// last one, so the socket's release (~10 µs of kernel work) runs here, on the
-    /// reaping thread, rather than on an engine thread.
+    /// closed `HOST_END_GRACE` after the worker is reaped. The engine's own copy is
+    /// then not the last one, so the socket's release (~10 µs of kernel work) runs
+    /// here, on the reaping thread, rather than on an engine thread.
     host_end: Option<OwnedFd>,
 }
 
@@ -190,6 +190,11 @@ struct Settings {
     /// gVisor cannot exec a host memfd reliably (ENXIO; `/proc/self/exe` would read
     /// `host:[N]`): binaries are copied into a sandbox memfd at load.
     copy_binaries: bool,
+    /// Workers share the fd table until they unshare its low part (`spawn::FdSlots`).
+    /// Minimal mode only: this gVisor build's handling of CLONE_FILES children and
+    /// CLOSE_RANGE_UNSHARE is not relied on (were the flag ignored, the child's
+    /// dup2s would land in the runner's own table).
+    share_files: bool,
     /// Namespace flags beyond user/PID/IPC/UTS for every worker.
     extra_clone_flags: libc::c_int,
     rlimit_as: Option<libc::rlimit>,
@@ -315,6 +320,7 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
         devnull: devnull.into(),
         gate,
         copy_binaries: gvisor,
+        share_files: !gvisor,
         // Minimal mode: the runner's own network namespace is empty, workers share
         // it. gVisor: the container has a loopback, so each worker gets its own.
         // An IPC namespace per worker keeps SysV/POSIX IPC objects apart; level
@@ -338,6 +344,13 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
 /// a failure's cause and frees the engine's record of the worker. Workers whose
 /// exit completes an execution (logs, shared memory) are reported at once.
 const REAP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// How long after reaping a worker this runner keeps its copy of the worker's host
+/// end. The engine thread drops its own copy when it is done with the worker, often
+/// only on the exit report (when the caller read the response); closed here after
+/// that, the copy is the last one, and the socket's release runs on this thread
+/// rather than on the engine's.
+const HOST_END_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Runs one thread per control connection and reaps on this one until every
 /// connection is closed; then kills and reaps whatever is left.
@@ -390,13 +403,19 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
     }
     let mut finished = 0;
     let mut last_reap = std::time::Instant::now() - REAP_INTERVAL;
+    // Host ends of reaped workers, closed HOST_END_GRACE after the reap.
+    let mut closing: std::collections::VecDeque<(std::time::Instant, Vec<OwnedFd>)> = Default::default();
     while finished < n {
+        let now = std::time::Instant::now();
+        let timeout_ms = closing
+            .front()
+            .map_or(-1, |(due, _)| due.saturating_duration_since(now).as_micros().div_ceil(1000).max(1) as libc::c_int);
         let mut pfds = [
             libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: done_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: pfds is a valid array of pollfd for the call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
         if rc < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -416,7 +435,15 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
             let mut info = [0u8; 128];
             // SAFETY: drain the signalfd into a local buffer.
             while unsafe { libc::read(sfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
-            reap(&shared);
+            let host_ends = reap(&shared);
+            if !host_ends.is_empty() {
+                closing.push_back((last_reap + HOST_END_GRACE, host_ends));
+            }
+        }
+        // After this round's exit reports are out.
+        let now = std::time::Instant::now();
+        while closing.front().is_some_and(|(due, _)| *due <= now) {
+            closing.pop_front();
         }
         if pfds[1].revents != 0 {
             let mut bytes = [0u8; 16];
@@ -447,8 +474,9 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
 }
 
 /// Reaps every exited worker and reports them, one write per control connection
-/// for the whole batch (fewer wake-ups of the engine threads).
-fn reap(shared: &Shared) {
+/// for the whole batch (fewer wake-ups of the engine threads). Returns this
+/// runner's copies of the reaped workers' host ends (`Worker::host_end`).
+fn reap(shared: &Shared) -> Vec<OwnedFd> {
     let mut batches: Vec<Vec<u8>> = vec![Vec::new(); shared.conns.len()];
     let mut host_ends = Vec::new();
     {
@@ -478,8 +506,7 @@ fn reap(shared: &Shared) {
             shared.send_frames(idx, bytes);
         }
     }
-    // After the reports, so the engine threads are not kept waiting for them.
-    drop(host_ends);
+    host_ends
 }
 
 /// One control connection: its orders, binaries and spawner.
@@ -502,7 +529,18 @@ struct ConnThread {
 
 impl ConnThread {
     fn new(idx: usize, shared: Arc<Shared>, settings: Arc<Settings>) -> ConnThread {
-        let spawner = Spawner::new(settings.extra_clone_flags);
+        let slots = if settings.share_files {
+            match FdSlots::reserve(settings.devnull.as_raw_fd()) {
+                Ok(slots) => Some(slots),
+                Err(e) => {
+                    eprintln!("roma-byob-runner: cannot reserve fd slots ({e}); workers start with a copy of the whole fd table");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let spawner = Spawner::new(settings.extra_clone_flags, slots);
         ConnThread {
             idx,
             shared,
@@ -623,10 +661,14 @@ impl ConnThread {
                 if self.settings.copy_binaries {
                     fd = copy_to_memfd(&fd).map_err(|e| format!("copy binary into the sandbox: {e}"))?;
                 }
-                self.binaries.insert(load.code_id, fd);
+                if self.binaries.insert(load.code_id, fd).is_some() {
+                    self.spawner.forget_binary();
+                }
             }
             host_to_runner::Msg::Unload(unload) => {
-                self.binaries.remove(&unload.code_id);
+                if self.binaries.remove(&unload.code_id).is_some() {
+                    self.spawner.forget_binary();
+                }
                 let tables = lock(&self.shared.tables);
                 for (pid, w) in &tables.pids {
                     if w.conn == self.idx && w.code_id == unload.code_id {

@@ -11,9 +11,19 @@
 //!
 //! The child runs on a private stack with the parent suspended (vfork semantics), so
 //! it may only make raw syscalls: no allocation, no locks, no Rust std I/O.
+//!
+//! Descriptor tables: a child made without `CLONE_FILES` starts with a copy of the
+//! runner's whole table, and its exec closes every copied fd again. The runner holds
+//! a descriptor per live worker (its copy of the worker channel's host end) and per
+//! channel in stock, so that cost grows with the pool (BENCHMARKS.md, ninth
+//! session). With [`FdSlots`] (minimal mode), the parent first puts the fds the
+//! child needs into six low-numbered slots reserved at start-up, and the child
+//! shares the runner's table only until its first syscall,
+//! `close_range(first_above_the_slots, ~0, CLOSE_RANGE_UNSHARE)`, which leaves it a
+//! private copy of the low-numbered fds alone.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::sandbox::gate;
 
@@ -30,19 +40,94 @@ pub struct SpawnPlan {
     pub shm: Option<RawFd>,
 }
 
+/// Low-numbered fds reserved for one spawning thread (see the module docs), each
+/// holding `/dev/null` between spawns: stdin, stdout, stderr, channel, shared
+/// memory, binary.
+pub struct FdSlots {
+    slots: [OwnedFd; 6],
+    devnull: RawFd,
+    /// Slots holding something other than `/dev/null` (bit per slot).
+    filled: std::cell::Cell<u8>,
+    /// One above the highest slot: the child's private table holds the fds below.
+    first_above: libc::c_int,
+}
+
+impl FdSlots {
+    /// Reserves the slots: the six lowest free fd numbers from `FIRST_FREE_FD` up,
+    /// each a close-on-exec duplicate of `devnull` (which must stay open as long as
+    /// the slots are used). Call it before the process opens many fds.
+    pub fn reserve(devnull: RawFd) -> io::Result<FdSlots> {
+        let slot = || -> io::Result<OwnedFd> {
+            // SAFETY: fcntl duplicating an fd we hold; the result is a fresh fd.
+            let fd = unsafe { libc::fcntl(devnull, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd, owned from here on.
+            Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        };
+        let slots = [slot()?, slot()?, slot()?, slot()?, slot()?, slot()?];
+        let first_above = slots.iter().map(|f| f.as_raw_fd()).max().unwrap_or(FIRST_FREE_FD) + 1;
+        Ok(FdSlots { slots, devnull, filled: std::cell::Cell::new(0), first_above })
+    }
+
+    fn raw(&self, i: usize) -> RawFd {
+        self.slots[i].as_raw_fd()
+    }
+
+    /// Puts the plan's fds into the slots (close-on-exec in this process; stdin
+    /// stays `/dev/null`). On failure the slots are cleared again.
+    fn fill(&self, plan: &SpawnPlan) -> io::Result<()> {
+        let stdout = (plan.stdout != self.devnull).then_some(plan.stdout);
+        let stderr = (plan.stderr != self.devnull).then_some(plan.stderr);
+        for (i, src) in [(3, Some(plan.channel)), (1, stdout), (2, stderr), (4, plan.shm), (5, Some(plan.binary))] {
+            let Some(src) = src else { continue };
+            // SAFETY: dup3 onto a slot we own; the slot's previous file is released.
+            if unsafe { libc::dup3(src, self.raw(i), libc::O_CLOEXEC) } < 0 {
+                let e = io::Error::last_os_error();
+                self.clear(true);
+                return Err(io::Error::new(e.kind(), format!("dup3 into fd slot: {e}")));
+            }
+            self.filled.set(self.filled.get() | 1 << i);
+        }
+        Ok(())
+    }
+
+    /// Back to `/dev/null`: no worker's channel, log or memory stays open here (a
+    /// channel's worker end held here would keep the engine from seeing the worker's
+    /// end of file). The last binary stays until the next spawn replaces it, unless
+    /// `binary_too` (one `dup3` less per spawn).
+    fn clear(&self, binary_too: bool) {
+        let keep = if binary_too { 0 } else { 1 << 5 };
+        let filled = self.filled.get();
+        for i in 1..self.slots.len() {
+            if filled & !keep & (1 << i) == 0 {
+                continue;
+            }
+            // SAFETY: as in `fill`. dup3 fails only for bad fds, which these are not.
+            unsafe { libc::dup3(self.devnull, self.raw(i), libc::O_CLOEXEC) };
+        }
+        self.filled.set(filled & keep);
+    }
+}
+
 /// Shared with the child through CLONE_VM: what failed, if anything.
 #[repr(C)]
 struct ChildCtx {
     plan: *const SpawnPlan,
+    /// Non-null: the child shares the runner's fd table and takes its fds from
+    /// these slots (see `FdSlots`).
+    slots: *const FdSlots,
     argv: [*const libc::c_char; 4],
     envp: [*const libc::c_char; 1],
     failed_step: libc::c_int,
     errno: libc::c_int,
 }
 
-const STEPS: [&str; 12] = [
+const STEPS: [&str; 13] = [
     "none", "dup2 stdio", "dup2 channel", "close_range", "prctl(PDEATHSIG)", "setrlimit",
     "capset", "prctl(NO_NEW_PRIVS)", "unused", "execveat", "move fds", "dup2 shared memory",
+    "close_range(CLOSE_RANGE_UNSHARE)",
 ];
 
 /// fds the child places: 0-2 stdio, 3 channel, 4 shared memory.
@@ -53,6 +138,9 @@ const STACK_SIZE: usize = 64 * 1024;
 /// Reusable spawner (owns the child stack).
 pub struct Spawner {
     stack: Vec<u128>,
+    /// Set: children share the fd table until they unshare its low part (minimal
+    /// mode; see the module docs).
+    slots: Option<FdSlots>,
     /// Namespace flags beyond user/PID/UTS (IPC unless seccomp refuses IPC; gVisor:
     /// a network namespace per worker, since the container's loopback is shared
     /// otherwise).
@@ -94,35 +182,57 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY (whole block): raw syscalls on fds and the process's own attributes; all
     // pointers passed point into ctx/plan or to locals that outlive each call.
     unsafe {
-        // Sources that sit on a target number would be clobbered by the dup2s below:
-        // move them above the targets first (rare; costs nothing otherwise).
-        let mut binary = plan.binary;
-        if binary < FIRST_FREE_FD {
-            binary = libc::fcntl(binary, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
-            step!(10, binary);
-        }
-        let mut shm = plan.shm.unwrap_or(-1);
-        if shm == 3 {
-            shm = libc::fcntl(shm, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
-            step!(10, shm);
-        }
-        step!(1, libc::dup2(plan.stdin, 0));
-        step!(1, libc::dup2(plan.stdout, 1));
-        step!(1, libc::dup2(plan.stderr, 2));
-        if plan.channel == 3 {
-            step!(2, libc::fcntl(3, libc::F_SETFD, 0));
+        // SAFETY: non-null only while the parent's FdSlots is alive (it is suspended).
+        let binary = if let Some(slots) = ctx.slots.as_ref() {
+            // First of all: until this returns, the table is the runner's own, shared.
+            // The private copy holds only the fds below the slots' end.
+            let first = slots.first_above as usize;
+            step!(12, gate::syscall(libc::SYS_close_range, [first, i32::MAX as usize, libc::CLOSE_RANGE_UNSHARE as usize, 0, 0]) as libc::c_int);
+            // Every slot is at FIRST_FREE_FD or above: no dup2 below clobbers one.
+            step!(1, libc::dup2(slots.raw(0), 0));
+            step!(1, libc::dup2(slots.raw(1), 1));
+            step!(1, libc::dup2(slots.raw(2), 2));
+            step!(2, libc::dup2(slots.raw(3), 3));
+            if plan.shm.is_some() {
+                step!(11, libc::dup2(slots.raw(4), 4));
+            }
+            // Everything else becomes close-on-exec (the binary's slot included:
+            // execveat of an ELF binary works on a close-on-exec fd).
+            let keep = if plan.shm.is_some() { 5 } else { 4 };
+            step!(3, gate::syscall(libc::SYS_close_range, [keep, i32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize, 0, 0]) as libc::c_int);
+            slots.raw(5)
         } else {
-            step!(2, libc::dup2(plan.channel, 3));
-        }
-        // Everything above the channel becomes close-on-exec (the binary fd included:
-        // execveat of an ELF binary works on a close-on-exec fd).
-        // Upper bound INT_MAX, not UINT_MAX: gVisor rejects larger bounds with EINVAL.
-        step!(3, gate::syscall(libc::SYS_close_range, [4, i32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize, 0, 0]) as libc::c_int);
-        if shm == 4 {
-            step!(11, libc::fcntl(4, libc::F_SETFD, 0));
-        } else if shm >= 0 {
-            step!(11, libc::dup2(shm, 4));
-        }
+            // Sources that sit on a target number would be clobbered by the dup2s below:
+            // move them above the targets first (rare; costs nothing otherwise).
+            let mut binary = plan.binary;
+            if binary < FIRST_FREE_FD {
+                binary = libc::fcntl(binary, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
+                step!(10, binary);
+            }
+            let mut shm = plan.shm.unwrap_or(-1);
+            if shm == 3 {
+                shm = libc::fcntl(shm, libc::F_DUPFD_CLOEXEC, FIRST_FREE_FD);
+                step!(10, shm);
+            }
+            step!(1, libc::dup2(plan.stdin, 0));
+            step!(1, libc::dup2(plan.stdout, 1));
+            step!(1, libc::dup2(plan.stderr, 2));
+            if plan.channel == 3 {
+                step!(2, libc::fcntl(3, libc::F_SETFD, 0));
+            } else {
+                step!(2, libc::dup2(plan.channel, 3));
+            }
+            // Everything above the channel becomes close-on-exec (the binary fd included:
+            // execveat of an ELF binary works on a close-on-exec fd).
+            // Upper bound INT_MAX, not UINT_MAX: gVisor rejects larger bounds with EINVAL.
+            step!(3, gate::syscall(libc::SYS_close_range, [4, i32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize, 0, 0]) as libc::c_int);
+            if shm == 4 {
+                step!(11, libc::fcntl(4, libc::F_SETFD, 0));
+            } else if shm >= 0 {
+                step!(11, libc::dup2(shm, 4));
+            }
+            binary
+        };
         let prctl = |option: libc::c_int, arg: usize| gate::syscall(libc::SYS_prctl, [option as usize, arg, 0, 0, 0]) as libc::c_int;
         let setrlimit = |resource: libc::__rlimit_resource_t, lim: &libc::rlimit| {
             let lim = lim as *const libc::rlimit as usize;
@@ -160,9 +270,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 impl Spawner {
-    /// A spawner adding `extra_flags` (CLONE_NEW* only) to every worker's clone.
-    pub fn new(extra_flags: libc::c_int) -> Spawner {
-        Spawner { stack: vec![0u128; STACK_SIZE / 16], extra_flags }
+    /// The runner drops a binary: the slot that may hold the last one spawned lets
+    /// go of it (its memory is freed with the runner's own copy).
+    pub fn forget_binary(&self) {
+        if let Some(slots) = &self.slots {
+            slots.clear(true);
+        }
+    }
+
+    /// A spawner adding `extra_flags` (CLONE_NEW* only) to every worker's clone; with
+    /// `slots`, children take their fds from those slots (see the module docs).
+    pub fn new(extra_flags: libc::c_int, slots: Option<FdSlots>) -> Spawner {
+        Spawner { stack: vec![0u128; STACK_SIZE / 16], slots, extra_flags }
     }
 
     /// Starts one worker and returns its pid once it has exec'd the UDF. If the
@@ -170,14 +289,20 @@ impl Spawner {
     /// reaper waits for any child), `reaped_elsewhere` gets its pid.
     pub fn spawn(&mut self, plan: &SpawnPlan, reaped_elsewhere: impl FnOnce(libc::pid_t)) -> io::Result<libc::pid_t> {
         let shm_arg = if plan.shm.is_some() { c"4".as_ptr() } else { std::ptr::null() };
+        if let Some(slots) = &self.slots {
+            slots.fill(plan)?;
+        }
         let mut ctx = ChildCtx {
             plan,
+            slots: self.slots.as_ref().map_or(std::ptr::null(), |s| s as *const FdSlots),
             argv: [c"roma-byob-udf".as_ptr(), c"3".as_ptr(), shm_arg, std::ptr::null()],
             envp: [std::ptr::null()],
             failed_step: 0,
             errno: 0,
         };
+        let files = if self.slots.is_some() { libc::CLONE_FILES } else { 0 };
         let flags = libc::CLONE_VM
+            | files
             | libc::CLONE_VFORK
             | libc::CLONE_NEWUSER
             | libc::CLONE_NEWPID
@@ -191,6 +316,10 @@ impl Spawner {
             let top = self.stack.as_mut_ptr().add(self.stack.len()).cast::<libc::c_void>();
             clone_keyed(flags as libc::c_ulong, top, child_main, (&mut ctx as *mut ChildCtx).cast(), gate::key())
         };
+        // The child has exec'd or exited: it holds its own copies now.
+        if let Some(slots) = &self.slots {
+            slots.clear(false);
+        }
         if pid < 0 {
             let e = io::Error::from_raw_os_error((-pid) as i32);
             return Err(io::Error::new(e.kind(), format!("clone: {e}")));
