@@ -43,7 +43,7 @@ fn main() {
             }
         }
     }
-    let cores = allowed_cores();
+    let cores = roma_byob::ring::current_thread_affinity();
     println!("wake_floor: {rounds} round trips per run, cores {cores:?}");
     println!("CPU of the measured thread per wake-up (wait + take 1 byte + answer 1 byte), wall time per round trip:");
     for way in [Way::Read, Way::Uring, Way::Spin] {
@@ -105,7 +105,7 @@ fn run(way: Way, rounds: usize, core: usize, peer_core: usize) -> io::Result<(u6
         }
         Ok(thread_cpu_ns()? - start)
     });
-    pin_peer(peer_core);
+    pin(peer_core);
     // Let the measured thread reach its first wait.
     std::thread::sleep(std::time::Duration::from_millis(20));
     let start = Instant::now();
@@ -251,17 +251,3 @@ fn pin(core: usize) {
     }
 }
 
-fn pin_peer(core: usize) {
-    pin(core)
-}
-
-fn allowed_cores() -> Vec<usize> {
-    // SAFETY: sched_getaffinity fills the zeroed set; CPU_ISSET only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return vec![0];
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
-    }
-}
