@@ -44,7 +44,7 @@
 #[cfg(target_arch = "x86_64")]
 mod floor {
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
@@ -328,17 +328,6 @@ mod floor {
         stack: Vec<u128>,
     }
 
-    /// A socketpair (close-on-exec): (parent's end, child's end).
-    fn socketpair() -> Result<(OwnedFd, OwnedFd), String> {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair fills the two-element array.
-        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
-            return Err(format!("socketpair: {}", io::Error::last_os_error()));
-        }
-        // SAFETY: two fresh fds, owned from here on.
-        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-    }
-
     /// After the UDF exited: its ready byte and at least a one-byte answer frame
     /// must be waiting on the parent's end.
     fn check_answer(host: &OwnedFd) -> Result<(), String> {
@@ -364,7 +353,7 @@ mod floor {
         /// Spawns one child that execs the binary, and reaps it.
         fn spawn(&mut self) -> Result<(), String> {
             let channel = if self.exe.udf {
-                let (host, child) = socketpair()?;
+                let (host, child) = roma_byob::ipc::fdpass::stream_pair().map_err(|e| format!("socketpair: {e}"))?;
                 // The request: an empty message, length-delimited (one zero byte).
                 // SAFETY: writing a local byte to our own socket.
                 if unsafe { libc::write(host.as_raw_fd(), [0u8].as_ptr().cast(), 1) } != 1 {

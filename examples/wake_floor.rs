@@ -21,7 +21,7 @@
 //! `cargo run --release --example wake_floor [-- --rounds N]` (default 20000).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 fn main() {
@@ -90,8 +90,8 @@ impl Way {
 
 /// One run: returns the measured thread's CPU and the wall time, in ns.
 fn run(way: Way, rounds: usize, core: usize, peer_core: usize) -> io::Result<(u64, u64)> {
-    let (ping_a, ping_b) = socketpair()?;
-    let (pong_a, pong_b) = socketpair()?;
+    let (ping_a, ping_b) = roma_byob::ipc::fdpass::stream_pair()?;
+    let (pong_a, pong_b) = roma_byob::ipc::fdpass::stream_pair()?;
     if way == Way::Spin {
         set_nonblocking(ping_b.as_raw_fd())?;
     }
@@ -191,16 +191,6 @@ fn wait_uring(from: RawFd, to: RawFd, rounds: usize) -> io::Result<()> {
     // The last answer is still to be submitted.
     ring.submit_and_wait(1)?;
     Ok(())
-}
-
-fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills the two-element array.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: two fresh fds, owned from here on.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
