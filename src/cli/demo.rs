@@ -106,7 +106,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let mut held = 0usize;
     // Responses the calling thread read from the worker itself (Config::caller_reads).
     let mut direct = 0usize;
-    let engine_ns_before = engine_cpu_ns();
+    let engine_before = engine_cpu();
     for _ in 0..a.sequential {
         // Give the slot time to refill so each request finds a warm worker; where
         // workers start slower than the pace (glibc UDFs in gVisor), wait for one.
@@ -134,7 +134,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     report("waiting for a worker", &wait);
     report("sending the request", &send);
     report("waiting for the response", &resp);
-    if let (Some(before), Some(after), true) = (engine_ns_before, engine_cpu_ns(), a.sequential > 0) {
+    if let (Some(before), Some(after), true) = (engine_before, engine_cpu(), a.sequential > 0) {
         // Everything the engine threads did for these executions, the slots' refills
         // included (the paced loop leaves them nothing else to do).
         println!(
@@ -144,7 +144,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     }
 
     let cpu_before = CpuSample::take(engine.sandbox_pid());
-    let engine_ns_before = engine_cpu_ns();
+    let engine_before = engine_cpu();
     // Completions land in a queue the submitting thread drains every `collect_us`:
     // a callback that woke this thread per completion would add a futex wake-up
     // (~10 µs of CPU here) to the engine thread's cost of every execution.
@@ -194,11 +194,11 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         failures
     );
     report("latency under load", &lat);
-    let engine_cpu = engine_ns_before.zip(engine_cpu_ns());
+    let engine_used = engine_before.zip(engine_cpu());
     if let (Some(before), Some(after)) = (cpu_before, CpuSample::take(engine.sandbox_pid())) {
         let n = a.executions as f64;
         let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
-        if let Some((before, after)) = engine_cpu {
+        if let Some((before, after)) = engine_used {
             println!(
                 "  CPU per execution: engine threads {} (from /proc schedstat and status)",
                 EngineCpu::per_execution(before, after, a.executions)
@@ -228,7 +228,7 @@ fn ticks_per_second() -> f64 {
 /// `/proc/self/task/*/schedstat`: exact, where `stat`'s ticks are 10 ms apart.
 /// Also counts the threads' sleeps: their voluntary context switches (from
 /// `status`), one per wait that found nothing to do, i.e. one per wake-up.
-fn engine_cpu_ns() -> Option<EngineCpu> {
+fn engine_cpu() -> Option<EngineCpu> {
     let mut cpu = EngineCpu { ns: 0, sleeps: 0 };
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -243,7 +243,7 @@ fn engine_cpu_ns() -> Option<EngineCpu> {
     Some(cpu)
 }
 
-/// The engine threads' CPU time and sleeps so far (see `engine_cpu_ns`).
+/// The engine threads' CPU time and sleeps so far (see `engine_cpu`).
 #[derive(Clone, Copy)]
 struct EngineCpu {
     ns: u64,

@@ -105,6 +105,9 @@ struct WorkerConn {
     shm: Option<ShmSlot>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
+    /// The runner holds a copy of this channel's host end until the worker is
+    /// reaped (a runner-made channel): closing ours does not end the worker's stream.
+    runner_copy: bool,
 }
 
 struct TokenState {
@@ -857,6 +860,7 @@ impl Reactor {
             logs,
             shm,
             failure: None,
+            runner_copy: channel != 0,
         };
         let key = match self.free.pop() {
             Some(k) => {
@@ -1145,10 +1149,11 @@ impl Reactor {
         let release = w.state != WState::Finished;
         w.state = WState::Finished;
         let token = w.token;
-        // Pending ops complete promptly, and the worker reads EOF: closing our fd
-        // alone would not tell it, the runner holds a copy of this end until the
-        // worker is reaped (`udf_runner::Worker::host_end`).
-        if w.exited.is_none() || w.inflight > 0 {
+        // Pending ops complete promptly, and a live worker reads EOF: with a
+        // runner-made channel, closing our fd alone would not tell it (the runner
+        // holds a copy of this end until the worker is reaped,
+        // `udf_runner::Worker::host_end`). Otherwise the close says it.
+        if (w.runner_copy && w.exited.is_none()) || w.inflight > 0 {
             if let Some(fd) = w.fd.as_ref() {
                 // SAFETY: shutting down a socket we own.
                 unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
