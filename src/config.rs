@@ -178,6 +178,19 @@ pub struct Config {
     /// to it (that request fails), and bytes it writes before its request are read
     /// as its response. Off: the engine thread reads every response.
     pub caller_reads: bool,
+    /// For the code tokens `caller_reads` applies to: a worker spawned while its
+    /// shard has nothing in flight is offered to callers at once, before its ready
+    /// byte arrives, and gets no receive posted for that byte. The caller that
+    /// claims it takes the ready byte from the socket itself (one non-blocking
+    /// `recv`) before it writes the request; if the byte is not there yet, it
+    /// writes nothing and leaves the execution to the engine thread, which waits
+    /// for the byte as for any starting worker. The protocol does not change: a
+    /// request is written only after its worker's ready byte, and its timeout
+    /// starts then. What it saves is the engine thread's wake-up for each ready
+    /// byte in sequential traffic (about one of the two per execution, see
+    /// BENCHMARKS.md). An unconfirmed worker nobody claims is checked at
+    /// `worker_start_timeout`. Off: every ready byte is read by the engine thread.
+    pub lazy_readiness: bool,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs): directories or single files. Symlinks are followed; missing
@@ -226,6 +239,7 @@ impl Default for Config {
             hand_over_max_bytes: 64 << 10,
             wait_spin: Duration::from_micros(100),
             caller_reads: true,
+            lazy_readiness: true,
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into(), "/etc/ld.so.cache".into()],
             memory_limit: None,

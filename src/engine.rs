@@ -105,6 +105,7 @@ impl Engine {
                 sqpoll_idle: config.sqpoll_idle,
                 busy_poll: config.busy_poll,
                 worker_start_timeout: config.worker_start_timeout,
+                lazy_readiness: config.lazy_readiness,
                 batch_wait: config.batch_wait,
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
                 batch_want: config.batch_want.max(1),
@@ -521,6 +522,10 @@ impl Engine {
             }
             if let Some((shard, offer)) = claim_one() {
                 let at = Instant::now();
+                if !confirmed(&offer) {
+                    let frame = frame.take().map(|f| f()).unwrap_or_default();
+                    return Ok(self.submit_not_ready(token.0, shard, &offer, frame, options, sink, submitted));
+                }
                 let Some(region) = offer.region.clone() else {
                     return Err(Error::Internal("a shared-memory worker offered without its region".into()));
                 };
@@ -528,7 +533,9 @@ impl Engine {
                     Ok(len) => {
                         region.note_used(crate::ipc::shm::HEADER + len);
                         let (key, gen) = (offer.key, offer.gen);
-                        let claim = Claim { key, gen, region: Some(region), len, frame: None, at, handed: hand_over };
+                        let readiness = readiness_of(&offer);
+                        let claim =
+                            Claim { key, gen, region: Some(region), len, frame: None, at, handed: hand_over, readiness };
                         claimed = Some((shard, offer, claim));
                     }
                     Err(why) => {
@@ -542,8 +549,13 @@ impl Engine {
             let frame = Arc::new(frame.take().map(|f| f()).unwrap_or_default());
             if hand_over && frame.len() <= self.config.hand_over_max_bytes {
                 if let Some((shard, offer)) = claim_one() {
-                    let (key, gen, at) = (offer.key, offer.gen, Instant::now());
-                    let claim = Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true };
+                    if !confirmed(&offer) {
+                        let frame = Arc::try_unwrap(frame).unwrap_or_else(|f| f.as_ref().clone());
+                        return Ok(self.submit_not_ready(token.0, shard, &offer, frame, options, sink, submitted));
+                    }
+                    let (key, gen, at, readiness) = (offer.key, offer.gen, Instant::now(), readiness_of(&offer));
+                    let claim =
+                        Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true, readiness };
                     claimed = Some((shard, offer, claim));
                 }
             }
@@ -634,6 +646,62 @@ impl Engine {
             claim: None,
         }));
         Ok((ExecutionToken { shard: shard as u32, id }, None))
+    }
+
+    /// A caller claimed an unconfirmed worker whose ready byte was not there yet
+    /// (see `Offer::unconfirmed`): nothing was written to it. The shard gets the
+    /// execution with the request, waits for that worker's ready byte (or runs it
+    /// on one that is ready first) and writes the request itself.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_not_ready(
+        &self,
+        token: u64,
+        shard: usize,
+        offer: &Offer,
+        frame: Vec<u8>,
+        options: ExecuteOptions,
+        sink: Sink,
+        submitted: Instant,
+    ) -> (ExecutionToken, Option<Box<DirectRead>>) {
+        let id = self.next_exec.fetch_add(1, Ordering::Relaxed);
+        let claim = Claim {
+            key: offer.key,
+            gen: offer.gen,
+            region: None,
+            len: 0,
+            frame: None,
+            at: Instant::now(),
+            handed: false,
+            readiness: ring::Readiness::NotYet,
+        };
+        self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
+            id,
+            token,
+            metadata: Arc::new(options.metadata),
+            frame,
+            worker_wait_timeout: options.worker_wait_timeout,
+            timeout: options.timeout,
+            sink,
+            submitted,
+            handoff: None,
+            claim: Some(claim),
+        }));
+        (ExecutionToken { shard: shard as u32, id }, None)
+    }
+}
+
+/// Whether a claimed worker has started: an unconfirmed offer's ready byte is
+/// taken here (see `Offer::unconfirmed`).
+fn confirmed(offer: &Offer) -> bool {
+    !offer.unconfirmed || ring::take_ready_byte(&offer.fd)
+}
+
+/// Who read the ready byte of a claimed worker that [`confirmed`] passed.
+fn readiness_of(offer: &Offer) -> ring::Readiness {
+    if offer.unconfirmed {
+        ring::Readiness::Caller
+    } else {
+        ring::Readiness::Shard
     }
 }
 

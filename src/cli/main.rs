@@ -79,6 +79,11 @@ pub struct EngineArgs {
     /// reading a handed-over execution's response itself (Config::caller_reads = false).
     #[arg(long)]
     no_caller_reads: bool,
+    /// Read every worker's ready byte on the engine thread, instead of offering
+    /// workers spawned on an idle shard before it and letting the claiming caller
+    /// take it (Config::lazy_readiness = false).
+    #[arg(long)]
+    no_lazy_readiness: bool,
     /// Execution::wait polls this many µs for the answer before parking, when the
     /// worker runs on another core (Config::wait_spin; 0 = park at once).
     #[arg(long, default_value_t = 100)]
@@ -121,6 +126,7 @@ impl EngineArgs {
             hand_over: !self.no_hand_over,
             runner_channels: !self.no_runner_channels,
             caller_reads: !self.no_caller_reads,
+            lazy_readiness: !self.no_lazy_readiness,
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),

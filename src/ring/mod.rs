@@ -8,7 +8,7 @@ pub(crate) mod direct;
 mod reactor;
 mod ready;
 
-pub(crate) use ready::{Offer, ReadyWorkers};
+pub(crate) use ready::{take_ready_byte, Offer, ReadyWorkers};
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -118,6 +118,21 @@ pub(crate) struct Claim {
     /// The caller writes the request (or rings the doorbell) itself; otherwise (a
     /// shared-memory claim with `Config::hand_over` off) the shard rings it.
     pub handed: bool,
+    /// Who read the worker's ready byte (see `Offer::unconfirmed`).
+    pub readiness: Readiness,
+}
+
+/// Who read a claimed worker's ready byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// The shard, before it offered the worker.
+    Shard,
+    /// The caller, from an unconfirmed offer.
+    Caller,
+    /// Nobody: the unconfirmed offer's byte was not there yet. The caller wrote
+    /// nothing (the request is in the execution's `frame`); the shard waits for
+    /// the byte, and runs the execution like any queued one.
+    NotYet,
 }
 
 /// Engine-wide limits a shard needs.
@@ -136,6 +151,8 @@ pub(crate) struct ShardConfig {
     pub max_response_bytes: usize,
     /// See `Config::worker_start_timeout`.
     pub worker_start_timeout: Duration,
+    /// See `Config::lazy_readiness`.
+    pub lazy_readiness: bool,
     pub host_api: Arc<crate::host_api::HostApi>,
     /// Where shared-memory regions come from and go back to (wiped) after use.
     pub shm_pool: Arc<crate::ipc::shm::ShmPool>,

@@ -16,7 +16,7 @@ use prost::Message;
 
 use super::ctl::CtlOut;
 use super::direct::{self, Handoff, Peeked, Taken};
-use super::{Cmd, ExecRequest, Offer, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
+use super::{Cmd, ExecRequest, Offer, Readiness, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{
     host_to_runner, runner_to_host, Channels, ChannelsTaken, Kill, Load, MakeChannels, RunnerToHost, Spawn, Unload,
@@ -64,6 +64,8 @@ enum WState {
     Spawning,
     /// Ready, in the idle pool; a response recv is already posted, except where a
     /// caller may read the response itself (`TokenEntry::direct`, `Offer::armed`).
+    /// Also a worker offered before its ready byte was read
+    /// (`WorkerConn::unconfirmed`).
     Idle,
     /// Took an execution.
     Busy,
@@ -108,6 +110,11 @@ struct WorkerConn {
     /// The runner holds a copy of this channel's host end until the worker is
     /// reaped (a runner-made channel): closing ours does not end the worker's stream.
     runner_copy: bool,
+    /// Idle and offered before its ready byte was read (`Config::lazy_readiness`):
+    /// no receive is posted; the caller that claims it takes the byte, or the
+    /// shard does when it needs the worker itself (`take_idle`) or at its start
+    /// deadline (`Timer::StartBy`).
+    unconfirmed: bool,
 }
 
 struct TokenState {
@@ -630,6 +637,20 @@ impl Reactor {
             answer_unqueued(sink, handoff.as_deref(), Err(Error::NotFound(format!("code token code-{token} was deleted"))));
             return;
         }
+        // An unconfirmed worker whose ready byte the caller did not find: the request
+        // was not written; wait for the byte, and run the execution like any other.
+        let claim = match claim {
+            Some(c) if c.readiness == Readiness::NotYet => {
+                let offered = self
+                    .worker(c.key)
+                    .is_some_and(|w| w.gen == c.gen && w.state == WState::Idle && w.unconfirmed && w.exec.is_none());
+                if offered {
+                    self.await_ready_byte(c.key);
+                }
+                None
+            }
+            other => other,
+        };
         let mut placed = None;
         let mut claimed_key = None;
         let mut handed = None;
@@ -638,6 +659,9 @@ impl Reactor {
             let still_ready =
                 self.worker(claim.key).is_some_and(|w| w.gen == claim.gen && w.state == WState::Idle && w.exec.is_none());
             if still_ready {
+                if claim.readiness == Readiness::Caller {
+                    self.started(claim.key);
+                }
                 claimed_key = Some(claim.key);
                 placed = claim.region.as_ref().map(|_| (claim.len, claim.at));
                 handed = claim.handed.then_some(claim.at);
@@ -724,18 +748,59 @@ impl Reactor {
     }
 
     /// Takes a ready worker of `token` for the shard's own use: the longest-ready one
-    /// no caller has claimed (a claimed one's execution is on its way here).
+    /// no caller has claimed (a claimed one's execution is on its way here). With
+    /// none whose ready byte was read, the oldest unconfirmed one is taken back
+    /// and its byte taken here; if it is not there yet, the worker gets a receive
+    /// for it and `None` is returned (the execution queues for it).
     fn take_idle(&mut self, token: u64) -> Option<u32> {
         let index = self.config.index;
         let t = self.tokens.get_mut(&token)?;
-        while let Some(key) = t.idle.pop_front() {
-            let gen = self.workers.get(key as usize).and_then(|w| w.as_ref()).map(|w| w.gen);
-            match gen {
-                Some(gen) if !t.entry.per_shard[index].ready.withdraw(key, gen) => continue,
-                _ => return Some(key),
+        let ready = &t.entry.per_shard[index].ready;
+        let mut unconfirmed = None;
+        let mut i = 0;
+        while let Some(&key) = t.idle.get(i) {
+            let Some(w) = self.workers.get(key as usize).and_then(|w| w.as_ref()) else {
+                t.idle.remove(i);
+                continue;
+            };
+            if w.unconfirmed {
+                // Left in place unless no confirmed worker is found.
+                if unconfirmed.is_none() {
+                    unconfirmed = Some((key, w.gen, w.fd.clone()));
+                }
+                i += 1;
+                continue;
+            }
+            t.idle.remove(i);
+            if ready.withdraw(key, w.gen) {
+                return Some(key);
             }
         }
+        let (key, gen, fd) = unconfirmed?;
+        if !ready.withdraw(key, gen) {
+            // A caller claimed it meanwhile; its execution settles it.
+            t.idle.retain(|k| *k != key);
+            return None;
+        }
+        if fd.is_some_and(|fd| super::take_ready_byte(&fd)) {
+            t.idle.retain(|k| *k != key);
+            self.started(key);
+            return Some(key);
+        }
+        self.await_ready_byte(key);
         None
+    }
+
+    /// Unconfirmed worker `key`'s ready byte was taken (by a caller or, without
+    /// the ring, by the shard): it has started.
+    fn started(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        w.unconfirmed = false;
+        let token = w.token;
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.failures = 0;
+            t.respawn_at = None;
+        }
     }
 
     fn cancel(&mut self, id: u64) {
@@ -861,6 +926,7 @@ impl Reactor {
             shm,
             failure: None,
             runner_copy: channel != 0,
+            unconfirmed: false,
         };
         let key = match self.free.pop() {
             Some(k) => {
@@ -876,8 +942,50 @@ impl Reactor {
         self.shared.live_workers.fetch_add(1, Ordering::Relaxed);
         let start_by = super::deadline_after(Instant::now(), self.config.worker_start_timeout);
         self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
-        self.post_worker_recv(key, 1, true);
+        let lazy = self.config.lazy_readiness
+            && self.execs.is_empty()
+            && self.tokens.get(&token).is_some_and(|t| t.entry.direct && t.queue.is_empty());
+        if lazy {
+            self.offer_unconfirmed(key);
+        } else {
+            self.post_worker_recv(key, 1, true);
+        }
         Ok(true)
+    }
+
+    /// Offers a just-spawned worker before its ready byte arrives (see
+    /// `Config::lazy_readiness`): no shard wake-up for the byte.
+    fn offer_unconfirmed(&mut self, key: u32) {
+        let index = self.config.index;
+        let Some(w) = self.worker(key) else { return };
+        w.state = WState::Idle;
+        w.unconfirmed = true;
+        let (token, gen, fd) = (w.token, w.gen, w.fd.clone());
+        let Some(t) = self.tokens.get_mut(&token) else { return };
+        t.idle.push_back(key);
+        t.entry.per_shard[index].idle.store(t.idle.len(), Ordering::Relaxed);
+        if let Some(fd) = fd {
+            t.entry.per_shard[index].ready.publish(Offer { key, gen, fd, region: None, armed: false, unconfirmed: true });
+        }
+    }
+
+    /// Waits for the ready byte of unconfirmed worker `key`, taken out of the
+    /// offers (by the shard, or by a caller that found the byte not there yet):
+    /// it is a starting worker again, with a receive posted for the byte.
+    fn await_ready_byte(&mut self, key: u32) {
+        let index = self.config.index;
+        let Some(w) = self.worker(key) else { return };
+        w.state = WState::Spawning;
+        w.unconfirmed = false;
+        let (token, gen) = (w.token, w.gen);
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.idle.retain(|k| *k != key);
+            t.entry.per_shard[index].idle.store(t.idle.len(), Ordering::Relaxed);
+        }
+        self.post_worker_recv(key, 1, true);
+        // Its spawn's start deadline may have passed while it was offered.
+        let start_by = super::deadline_after(Instant::now(), self.config.worker_start_timeout);
+        self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
     }
 
     /// What follows a worker's channel in its spawn order, pushed onto `fds`: the
@@ -1394,7 +1502,16 @@ impl Reactor {
                 self.close_channel(key);
             }
             WState::Idle => {
-                self.note_failure(token, &format!("an idle worker of code-{token} exited: it {how}"));
+                // Offered unconfirmed: did it ever write its ready byte?
+                let started = self.worker(key).is_some_and(|w| {
+                    !w.unconfirmed || w.fd.as_ref().is_some_and(|fd| super::take_ready_byte(fd))
+                });
+                let why = if started {
+                    format!("an idle worker of code-{token} exited: it {how}")
+                } else {
+                    format!("a worker of code-{token} exited before signalling readiness: it {how}")
+                };
+                self.note_failure(token, &why);
                 self.close_channel(key);
             }
             WState::Busy | WState::Finished => {
@@ -1570,32 +1687,8 @@ impl Reactor {
         let n = res as usize;
         match state {
             WState::Spawning => {
-                w.state = WState::Idle;
                 w.filled = 0;
-                let token = w.token;
-                let (gen, fd, region) = (w.gen, w.fd.clone(), w.shm.as_ref().map(|(r, _)| r.clone()));
-                // An idle worker gets its response receive now, so the answer wakes the
-                // shard once, except for a `direct` token on a shard with nothing in
-                // flight: there the next request is likely one a caller waits for, and
-                // that caller reads the answer itself (see `direct`).
-                let in_flight = !self.execs.is_empty();
-                let Some(t) = self.tokens.get_mut(&token) else { return };
-                let arm = !t.entry.direct || in_flight;
-                t.failures = 0;
-                t.respawn_at = None;
-                if let Some(exec_id) = t.queue.pop_front() {
-                    self.post_worker_recv(key, RECV_CHUNK, true);
-                    self.dispatch(exec_id, key);
-                    return;
-                }
-                t.idle.push_back(key);
-                t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
-                if let Some(fd) = fd {
-                    t.entry.per_shard[self.config.index].ready.publish(Offer { key, gen, fd, region, armed: arm });
-                }
-                if arm {
-                    self.post_worker_recv(key, RECV_CHUNK, true);
-                }
+                self.on_ready(key);
             }
             WState::Idle => {
                 // Bytes before any request: a protocol violation.
@@ -1618,6 +1711,38 @@ impl Reactor {
                 self.parse_busy(key, max);
             }
             WState::Finished => {}
+        }
+    }
+
+    /// The shard read worker `key`'s ready byte: it runs the oldest queued
+    /// execution of its code token, or joins the idle pool and is offered.
+    fn on_ready(&mut self, key: u32) {
+        let Some(w) = self.worker(key) else { return };
+        w.state = WState::Idle;
+        w.unconfirmed = false;
+        let token = w.token;
+        let (gen, fd, region) = (w.gen, w.fd.clone(), w.shm.as_ref().map(|(r, _)| r.clone()));
+        // An idle worker gets its response receive now, so the answer wakes the
+        // shard once, except for a `direct` token on a shard with nothing in
+        // flight: there the next request is likely one a caller waits for, and
+        // that caller reads the answer itself (see `direct`).
+        let in_flight = !self.execs.is_empty();
+        let Some(t) = self.tokens.get_mut(&token) else { return };
+        let arm = !t.entry.direct || in_flight;
+        t.failures = 0;
+        t.respawn_at = None;
+        if let Some(exec_id) = t.queue.pop_front() {
+            self.post_worker_recv(key, RECV_CHUNK, true);
+            self.dispatch(exec_id, key);
+            return;
+        }
+        t.idle.push_back(key);
+        t.entry.per_shard[self.config.index].idle.store(t.idle.len(), Ordering::Relaxed);
+        if let Some(fd) = fd {
+            t.entry.per_shard[self.config.index].ready.publish(Offer { key, gen, fd, region, armed: arm, unconfirmed: false });
+        }
+        if arm {
+            self.post_worker_recv(key, RECV_CHUNK, true);
         }
     }
 
@@ -2028,6 +2153,9 @@ impl Reactor {
                     );
                 }
                 Timer::StartBy(key, gen) => {
+                    if self.settle_unconfirmed(key, gen) {
+                        continue;
+                    }
                     let timeout = self.config.worker_start_timeout;
                     self.kill_stuck(key, gen, &[WState::Spawning], || {
                         format!("did not signal readiness within {} ms", timeout.as_millis())
@@ -2059,6 +2187,35 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// At its start deadline, a worker still offered unconfirmed is taken back and
+    /// its ready byte looked for: there, it is ready (offered again, confirmed);
+    /// not there, it is a starting worker past its deadline (false: `StartBy`
+    /// kills it). True when nothing is left to do (a caller claimed it: its
+    /// execution settles it; or it was ready).
+    fn settle_unconfirmed(&mut self, key: u32, gen: u32) -> bool {
+        let index = self.config.index;
+        let Some(w) = self.unexited(key, gen) else { return false };
+        if !(w.state == WState::Idle && w.unconfirmed) {
+            return false;
+        }
+        let (token, fd) = (w.token, w.fd.clone());
+        let Some(t) = self.tokens.get_mut(&token) else { return false };
+        if !t.entry.per_shard[index].ready.withdraw(key, gen) {
+            return true;
+        }
+        t.idle.retain(|k| *k != key);
+        t.entry.per_shard[index].idle.store(t.idle.len(), Ordering::Relaxed);
+        if fd.is_some_and(|fd| super::take_ready_byte(&fd)) {
+            self.on_ready(key);
+            return true;
+        }
+        if let Some(w) = self.worker(key) {
+            w.state = WState::Spawning;
+            w.unconfirmed = false;
+        }
+        false
     }
 
     /// The worker (key, generation) if it is still the same one and not reported

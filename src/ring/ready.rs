@@ -27,6 +27,11 @@ pub(crate) struct Offer {
     /// armed (`TokenEntry::direct` only): a caller that waits reads it itself, and
     /// any other must wake the shard to post the receive.
     pub armed: bool,
+    /// Offered before the shard read its ready byte (`Config::lazy_readiness`): the
+    /// claimer takes the byte itself ([`take_ready_byte`]) before it writes the
+    /// request; if it is not there yet, the claimer writes nothing and leaves the
+    /// execution to the shard, which waits for the byte as for any starting worker.
+    pub unconfirmed: bool,
 }
 
 #[derive(Default)]
@@ -78,6 +83,26 @@ impl ReadyWorkers {
     }
 }
 
+/// Takes a worker's ready byte from its channel without blocking: true if the
+/// byte was there (the worker has started and now waits for its request), false
+/// if not yet, or the channel is closed or failed (the shard learns why).
+pub(crate) fn take_ready_byte(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: receiving at most one byte into a live local on a socket the
+        // caller holds open.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_DONTWAIT) };
+        if n == 1 {
+            return true;
+        }
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,7 +113,7 @@ mod tests {
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         assert!(fd >= 0);
         // SAFETY: fresh fd owned here.
-        Offer { key, gen, fd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }), region: None, armed: true }
+        Offer { key, gen, fd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }), region: None, armed: true, unconfirmed: false }
     }
 
     #[test]
@@ -107,5 +132,20 @@ mod tests {
         r.publish(offer(3, 1));
         r.clear();
         assert!(r.claim().is_none());
+    }
+
+    #[test]
+    fn a_ready_byte_is_taken_once_and_only_when_there() {
+        let (host, worker) = crate::ipc::fdpass::stream_pair().unwrap();
+        assert!(!take_ready_byte(&host), "nothing written yet");
+        // SAFETY: sending from a live two-byte slice on an open socket.
+        let n = unsafe { libc::send(std::os::fd::AsRawFd::as_raw_fd(&worker), b"rx".as_ptr().cast(), 2, 0) };
+        assert_eq!(n, 2);
+        assert!(take_ready_byte(&host));
+        // Exactly one byte was consumed: the next one is still there.
+        assert!(take_ready_byte(&host));
+        assert!(!take_ready_byte(&host));
+        drop(worker);
+        assert!(!take_ready_byte(&host), "end of file is no ready byte");
     }
 }
