@@ -1,0 +1,75 @@
+//! Worker readiness (DESIGN §5: a request reaches a worker only after its ready
+//! byte), with `Config::lazy_readiness` on (the default: workers are offered
+//! before their ready byte, and whoever claims one takes the byte) and off, in
+//! every available mode.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Config, Engine, ExecuteOptions, Mode};
+
+#[test]
+fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
+    for mode in modes() {
+        for lazy_readiness in [true, false] {
+            let e = Engine::new(Config { mode, lazy_readiness, ..Default::default() }).unwrap();
+            // slow_ready sleeps 300 ms before its ready byte; each execution gets a
+            // fresh worker, claimed (lazy) or queued for (not) while it sleeps.
+            let t = load(&e, "slow_ready", 1);
+            let opts = ExecuteOptions {
+                timeout: Duration::from_millis(150),
+                worker_wait_timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            for i in 0..3 {
+                let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap().wait();
+                let r = r.unwrap_or_else(|err| {
+                    panic!("{mode:?}, lazy_readiness {lazy_readiness}, execution {i}: the 150 ms timeout must start at the ready byte: {err}")
+                });
+                assert_eq!(r.response.greeting, "Hello, world!");
+            }
+        }
+    }
+}
+
+/// Worker processes of a `minimal` engine: the children of the runner's threads.
+fn worker_pids(e: &Engine) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", e.sandbox_pid())).unwrap().flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(children.split_whitespace().map(str::to_string));
+        }
+        if !pids.is_empty() || std::time::Instant::now() > deadline {
+            pids.sort();
+            return pids;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_started_worker_nobody_claimed_outlives_its_start_deadline() {
+    for mode in modes() {
+        let config = Config { mode, worker_start_timeout: Duration::from_millis(300), ..Default::default() };
+        let e = Engine::new(config).unwrap();
+        let t = load(&e, "hello_world", 1);
+        // Offered before its ready byte was read, and not claimed by its start
+        // deadline: the shard looks for the byte then, finds it, and keeps the worker.
+        let before = (mode == Mode::Minimal).then(|| worker_pids(&e));
+        std::thread::sleep(Duration::from_millis(1000));
+        if let Some(before) = before {
+            assert_eq!(before.len(), 1, "one worker: {before:?}");
+            assert_eq!(worker_pids(&e), before, "the worker was replaced: it was killed at its start deadline");
+        } else {
+            // gVisor's workers are not host processes: only the answer is checked.
+            eprintln!("{mode:?}: worker identity not checked (workers are not host processes)");
+        }
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{mode:?}");
+        assert_eq!(wait_live(&e, 1), 1, "{mode:?}");
+    }
+}
