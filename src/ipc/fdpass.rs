@@ -79,6 +79,11 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> 
 /// Receives bytes into `buf`, appending any passed fds to `fds`. Returns the byte
 /// count (0 on EOF).
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    recv_with_fds_flags(sock, buf, fds, 0)
+}
+
+/// As [`recv_with_fds`], with extra `recvmsg` flags (`MSG_DONTWAIT`).
+pub fn recv_with_fds_flags(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, flags: i32) -> io::Result<usize> {
     let mut cmsg_buf = [0u64; 40];
     debug_assert!(cmsg_buf.len() * 8 >= cmsg_space(MAX_FDS));
     loop {
@@ -89,7 +94,7 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         msg.msg_iovlen = 1;
         msg.msg_control = cmsg_buf.as_mut_ptr().cast();
         msg.msg_controllen = cmsg_space(MAX_FDS) as _;
-        let args = [sock as usize, &mut msg as *mut libc::msghdr as usize, libc::MSG_CMSG_CLOEXEC as usize, 0, 0];
+        let args = [sock as usize, &mut msg as *mut libc::msghdr as usize, (libc::MSG_CMSG_CLOEXEC | flags) as usize, 0, 0];
         // SAFETY: msg points at live buffers for the call's duration.
         let n = unsafe { gate::syscall(libc::SYS_recvmsg, args) };
         if n < 0 {
@@ -104,6 +109,26 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
             return Err(io::Error::other("control message truncated: too many fds in one message"));
         }
         return Ok(n as usize);
+    }
+}
+
+/// Blocks until `sock` is readable (or closed, or in error): `ppoll` for POLLIN.
+/// Unlike a thread blocked in `recvmsg`, a thread waiting here is not woken each
+/// time the peer reads what this socket sent: the socket's wait queue carries
+/// both directions' wake-ups, and poll filters them by event.
+pub fn wait_readable(sock: RawFd) -> io::Result<()> {
+    loop {
+        let mut pfd = libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 };
+        let args = [&mut pfd as *mut libc::pollfd as usize, 1, 0, 0, 0];
+        // SAFETY: one valid pollfd for the call's duration; no timeout, no sigmask.
+        let n = unsafe { gate::syscall(libc::SYS_ppoll, args) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
     }
 }
 

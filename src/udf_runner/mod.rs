@@ -195,6 +195,9 @@ struct Settings {
     /// CLOSE_RANGE_UNSHARE is not relied on (were the flag ignored, the child's
     /// dup2s would land in the runner's own table).
     share_files: bool,
+    /// Connection threads wait for control messages in `ppoll` (minimal mode; in
+    /// gVisor each extra syscall costs the runner 15-35 µs).
+    poll_wait: bool,
     /// Namespace flags beyond user/PID/IPC/UTS for every worker.
     extra_clone_flags: libc::c_int,
     rlimit_as: Option<libc::rlimit>,
@@ -321,6 +324,7 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
         gate,
         copy_binaries: gvisor,
         share_files: !gvisor,
+        poll_wait: !gvisor,
         // Minimal mode: the runner's own network namespace is empty, workers share
         // it. gVisor: the container has a loopback, so each worker gets its own.
         // An IPC namespace per worker keeps SysV/POSIX IPC objects apart; level
@@ -590,8 +594,20 @@ impl ConnThread {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let mut fds = Vec::new();
-            let n = match fdpass::recv_with_fds(fd, &mut buf, &mut fds) {
+            // Minimal mode: read what is there, and wait in poll, not in recvmsg: a
+            // thread blocked in recvmsg is woken (for nothing) each time the engine
+            // reads one of this connection's reports, at the engine thread's
+            // expense (measured, BENCHMARKS.md).
+            let flags = if self.settings.poll_wait { libc::MSG_DONTWAIT } else { 0 };
+            let n = match fdpass::recv_with_fds_flags(fd, &mut buf, &mut fds, flags) {
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.settings.poll_wait => {
+                    if let Err(e) = fdpass::wait_readable(fd) {
+                        eprintln!("roma-byob-runner: control socket {}: poll: {e}", self.idx);
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => 0,
                 Err(e) => {
