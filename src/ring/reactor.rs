@@ -1492,13 +1492,14 @@ impl Reactor {
         }
         let Some(w) = self.worker(key) else { return };
         let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
-        let how = match &spawn_error {
+        // Built only where it is reported (not for a worker that answered and exited).
+        let how = || match &spawn_error {
             Some(e) => format!("could not be started: {e}"),
             None => describe_status(status),
         };
         match state {
             WState::Spawning => {
-                self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {how}"));
+                self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {}", how()));
                 self.close_channel(key);
             }
             WState::Idle => {
@@ -1507,9 +1508,9 @@ impl Reactor {
                     !w.unconfirmed || w.fd.as_ref().is_some_and(|fd| super::take_ready_byte(fd))
                 });
                 let why = if started {
-                    format!("an idle worker of code-{token} exited: it {how}")
+                    format!("an idle worker of code-{token} exited: it {}", how())
                 } else {
-                    format!("a worker of code-{token} exited before signalling readiness: it {how}")
+                    format!("a worker of code-{token} exited before signalling readiness: it {}", how())
                 };
                 self.note_failure(token, &why);
                 self.close_channel(key);
@@ -1523,7 +1524,7 @@ impl Reactor {
                         let detail = failure.map(|f| format!(" ({f})")).unwrap_or_default();
                         self.complete(
                             id,
-                            Err(Error::Unavailable(format!("the UDF {how} before sending a complete response{detail}"))),
+                            Err(Error::Unavailable(format!("the UDF {} before sending a complete response{detail}", how()))),
                         );
                     }
                 }
