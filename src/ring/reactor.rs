@@ -126,7 +126,15 @@ struct TokenState {
     queue: VecDeque<u64>,
     failures: u32,
     respawn_at: Option<Instant>,
+    /// Workers are not offered before their ready byte until then: a caller
+    /// claimed one whose byte was not there yet (its workers start slower than
+    /// requests come, as in gVisor), which costs more than it saves.
+    lazy_paused_until: Option<Instant>,
 }
+
+/// How long a code token's workers are not offered unconfirmed after a caller
+/// found one not started (see `TokenState::lazy_paused_until`).
+const LAZY_PAUSE: Duration = Duration::from_millis(100);
 
 struct ExecState {
     token: u64,
@@ -579,7 +587,16 @@ impl Reactor {
         }
         self.tokens.insert(
             id,
-            TokenState { entry, slots, live: 0, idle: VecDeque::new(), queue: VecDeque::new(), failures: 0, respawn_at: None },
+            TokenState {
+                entry,
+                slots,
+                live: 0,
+                idle: VecDeque::new(),
+                queue: VecDeque::new(),
+                failures: 0,
+                respawn_at: None,
+                lazy_paused_until: None,
+            },
         );
         self.fill_slots(id);
     }
@@ -646,6 +663,9 @@ impl Reactor {
                     .is_some_and(|w| w.gen == c.gen && w.state == WState::Idle && w.unconfirmed && w.exec.is_none());
                 if offered {
                     self.await_ready_byte(c.key);
+                }
+                if let Some(t) = self.tokens.get_mut(&token) {
+                    t.lazy_paused_until = Some(Instant::now() + LAZY_PAUSE);
                 }
                 None
             }
@@ -944,7 +964,9 @@ impl Reactor {
         self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
         let lazy = self.config.lazy_readiness
             && self.execs.is_empty()
-            && self.tokens.get(&token).is_some_and(|t| t.entry.direct && t.queue.is_empty());
+            && self.tokens.get(&token).is_some_and(|t| {
+                t.entry.direct && t.queue.is_empty() && t.lazy_paused_until.is_none_or(|u| u <= Instant::now())
+            });
         if lazy {
             self.offer_unconfirmed(key);
         } else {
