@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
-use roma_byob::{Config, Engine, ExecuteOptions, Mode};
+use roma_byob::{CodeToken, Config, Engine, ExecuteOptions, Mode};
 
 #[test]
 fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
@@ -71,5 +71,33 @@ fn a_started_worker_nobody_claimed_outlives_its_start_deadline() {
         }
         assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{mode:?}");
         assert_eq!(wait_live(&e, 1), 1, "{mode:?}");
+    }
+}
+
+#[test]
+fn the_engine_thread_takes_unconfirmed_workers_for_requests_it_dispatches_itself() {
+    for mode in modes() {
+        // Workers are offered unconfirmed (hand-over on), but no request is small
+        // enough for a caller to hand over: every one goes through the engine thread,
+        // which must take the ready byte of a worker offered before it (or wait for
+        // it) first.
+        // The start deadline (where an unconfirmed worker is looked at anyway) comes
+        // long after the requests' worker wait runs out.
+        let config = Config { mode, hand_over_max_bytes: 0, worker_start_timeout: Duration::from_secs(60), ..Default::default() };
+        let e = Engine::new(config).unwrap();
+        let opts = ExecuteOptions { worker_wait_timeout: Duration::from_secs(15), ..opts() };
+        let run = |t: &CodeToken| e.execute::<_, SampleResponse>(t, &SampleRequest::default(), opts.clone()).unwrap();
+        for name in ["hello_world", "slow_ready"] {
+            let t = load(&e, name, 3);
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(5));
+                assert_eq!(run(&t).wait().unwrap().response.greeting, "Hello, world!", "{mode:?} {name}");
+            }
+            let pending: Vec<_> = (0..12).map(|_| run(&t)).collect();
+            for p in pending {
+                assert_eq!(p.wait().unwrap().response.greeting, "Hello, world!", "{mode:?} {name}");
+            }
+            e.delete(&t).unwrap();
+        }
     }
 }

@@ -776,7 +776,6 @@ impl Reactor {
         let index = self.config.index;
         let t = self.tokens.get_mut(&token)?;
         let ready = &t.entry.per_shard[index].ready;
-        let mut unconfirmed = None;
         let mut i = 0;
         while let Some(&key) = t.idle.get(i) {
             let Some(w) = self.workers.get(key as usize).and_then(|w| w.as_ref()) else {
@@ -785,9 +784,6 @@ impl Reactor {
             };
             if w.unconfirmed {
                 // Left in place unless no confirmed worker is found.
-                if unconfirmed.is_none() {
-                    unconfirmed = Some((key, w.gen, w.fd.clone()));
-                }
                 i += 1;
                 continue;
             }
@@ -796,14 +792,18 @@ impl Reactor {
                 return Some(key);
             }
         }
-        let (key, gen, fd) = unconfirmed?;
-        if !ready.withdraw(key, gen) {
-            // A caller claimed it meanwhile; its execution settles it.
-            t.idle.retain(|k| *k != key);
-            return None;
-        }
+        // The oldest unconfirmed worker no caller has claimed (a claimed one leaves
+        // the pool: its execution settles it).
+        let taken = loop {
+            let &key = t.idle.front()?;
+            t.idle.pop_front();
+            let Some(w) = self.workers.get(key as usize).and_then(|w| w.as_ref()) else { continue };
+            if ready.withdraw(key, w.gen) {
+                break (key, w.fd.clone());
+            }
+        };
+        let (key, fd) = taken;
         if fd.is_some_and(|fd| super::take_ready_byte(&fd)) {
-            t.idle.retain(|k| *k != key);
             self.started(key);
             return Some(key);
         }
