@@ -522,9 +522,10 @@ impl Engine {
             }
             if let Some((shard, offer)) = claim_one() {
                 let at = Instant::now();
-                if !confirmed(&offer) {
+                let readiness = claim_readiness(&offer);
+                if readiness == ring::Readiness::NotYet {
                     let frame = frame.take().map(|f| f()).unwrap_or_default();
-                    return Ok(self.submit_not_ready(token.0, shard, &offer, frame, options, sink, submitted));
+                    return Ok(self.submit_not_ready(token.0, (shard, &offer), frame, options, sink, submitted));
                 }
                 let Some(region) = offer.region.clone() else {
                     return Err(Error::Internal("a shared-memory worker offered without its region".into()));
@@ -533,7 +534,6 @@ impl Engine {
                     Ok(len) => {
                         region.note_used(crate::ipc::shm::HEADER + len);
                         let (key, gen) = (offer.key, offer.gen);
-                        let readiness = readiness_of(&offer);
                         let claim =
                             Claim { key, gen, region: Some(region), len, frame: None, at, handed: hand_over, readiness };
                         claimed = Some((shard, offer, claim));
@@ -549,11 +549,12 @@ impl Engine {
             let frame = Arc::new(frame.take().map(|f| f()).unwrap_or_default());
             if hand_over && frame.len() <= self.config.hand_over_max_bytes {
                 if let Some((shard, offer)) = claim_one() {
-                    if !confirmed(&offer) {
+                    let readiness = claim_readiness(&offer);
+                    if readiness == ring::Readiness::NotYet {
                         let frame = Arc::try_unwrap(frame).unwrap_or_else(|f| f.as_ref().clone());
-                        return Ok(self.submit_not_ready(token.0, shard, &offer, frame, options, sink, submitted));
+                        return Ok(self.submit_not_ready(token.0, (shard, &offer), frame, options, sink, submitted));
                     }
-                    let (key, gen, at, readiness) = (offer.key, offer.gen, Instant::now(), readiness_of(&offer));
+                    let (key, gen, at) = (offer.key, offer.gen, Instant::now());
                     let claim =
                         Claim { key, gen, region: None, len: 0, frame: Some(frame.clone()), at, handed: true, readiness };
                     claimed = Some((shard, offer, claim));
@@ -652,12 +653,10 @@ impl Engine {
     /// (see `Offer::unconfirmed`): nothing was written to it. The shard gets the
     /// execution with the request, waits for that worker's ready byte (or runs it
     /// on one that is ready first) and writes the request itself.
-    #[allow(clippy::too_many_arguments)]
     fn submit_not_ready(
         &self,
         token: u64,
-        shard: usize,
-        offer: &Offer,
+        (shard, offer): (usize, &Offer),
         frame: Vec<u8>,
         options: ExecuteOptions,
         sink: Sink,
@@ -690,18 +689,16 @@ impl Engine {
     }
 }
 
-/// Whether a claimed worker has started: an unconfirmed offer's ready byte is
-/// taken here (see `Offer::unconfirmed`).
-fn confirmed(offer: &Offer) -> bool {
-    !offer.unconfirmed || ring::take_ready_byte(&offer.fd)
-}
-
-/// Who read the ready byte of a claimed worker that [`confirmed`] passed.
-fn readiness_of(offer: &Offer) -> ring::Readiness {
-    if offer.unconfirmed {
+/// Who read a claimed worker's ready byte: the shard before it offered the
+/// worker, or (an unconfirmed offer, see `Offer::unconfirmed`) this caller, now;
+/// `NotYet` if the byte is not there yet.
+fn claim_readiness(offer: &Offer) -> ring::Readiness {
+    if !offer.unconfirmed {
+        ring::Readiness::Shard
+    } else if ring::take_ready_byte(&offer.fd) {
         ring::Readiness::Caller
     } else {
-        ring::Readiness::Shard
+        ring::Readiness::NotYet
     }
 }
 
