@@ -37,19 +37,13 @@ fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
 
 /// Worker processes of a `minimal` engine: the children of the runner's threads.
 fn worker_pids(e: &Engine) -> Vec<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut pids = Vec::new();
-        for task in std::fs::read_dir(format!("/proc/{}/task", e.sandbox_pid())).unwrap().flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            pids.extend(children.split_whitespace().map(str::to_string));
-        }
-        if !pids.is_empty() || std::time::Instant::now() > deadline {
-            pids.sort();
-            return pids;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let pid_of = |status: &str| {
+        std::path::Path::new(status).exists().then(|| status.split('/').nth(2).unwrap_or_default().to_string())
+    };
+    let mut pids: Vec<String> =
+        runner_threads(e.sandbox_pid(), 1, pid_of).into_iter().flat_map(|(_, _, children)| children).collect();
+    pids.sort();
+    pids
 }
 
 #[test]
