@@ -508,7 +508,17 @@ impl Engine {
         // A shard whose thread failed (a bug; see `ShardShared::close`) gets no work.
         let rotation = move || (0..n).map(move |k| (start + k) % n).filter(move |&i| !shards[i].shared.has_failed());
         let order = move || rotation().filter(move |&i| cores[i] == cpu).chain(rotation().filter(move |&i| cores[i] != cpu));
-        let claim_one = || order().find_map(|i| entry.per_shard[i].ready.claim().map(|o| (i, o)));
+        // A claimed worker leaves the shard's idle count at once (the shard stores the
+        // exact count when it next acts on the pool): routing below then never picks a
+        // shard for a worker a caller has taken, which workers offered before their
+        // ready byte (`Config::lazy_readiness`) make likely right after a load.
+        let claim_one = || {
+            order().find_map(|i| {
+                let offer = entry.per_shard[i].ready.claim()?;
+                let _ = entry.per_shard[i].idle.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                Some((i, offer))
+            })
+        };
         let hand_over = self.config.hand_over;
         let mut claimed: Option<(usize, Offer, Claim)> = None;
         let mut frame_built: Option<Arc<Vec<u8>>> = None;
@@ -541,6 +551,7 @@ impl Engine {
                     Err(why) => {
                         // The worker is still ready: offer it again.
                         entry.per_shard[shard].ready.publish(offer);
+                        entry.per_shard[shard].idle.fetch_add(1, Ordering::Relaxed);
                         return Err(Error::ResourceExhausted(format!("cannot place the request in shared memory: {why}")));
                     }
                 }
@@ -579,7 +590,7 @@ impl Engine {
                     deadline,
                     submitted,
                     claimed: at,
-                    idle_left: entry.per_shard[shard].idle.load(Ordering::Relaxed).saturating_sub(1),
+                    idle_left: entry.per_shard[shard].idle.load(Ordering::Relaxed),
                 })
             });
             let req = ExecRequest {
