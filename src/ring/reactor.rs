@@ -269,6 +269,13 @@ const CHANNEL_LOW_WATER: usize = 3;
 /// recv/send flag in the SQE's `ioprio` field.
 const RECVSEND_POLL_FIRST: u16 = 1;
 
+/// Whether an operation is counted in `Reactor::in_kernel` (the drain at shutdown
+/// waits for those): every one but `CLOSE`, which holds no buffer and completes
+/// only when it fails (`IOSQE_CQE_SKIP_SUCCESS`).
+fn counts_in_kernel(user_data: u64) -> bool {
+    user_data >> 56 != K_CLOSE
+}
+
 fn describe_status(status: i32) -> String {
     if libc::WIFEXITED(status) {
         format!("exited with status {}", libc::WEXITSTATUS(status))
@@ -357,7 +364,9 @@ impl Reactor {
                 }
                 continue;
             }
-            self.in_kernel += 1;
+            if counts_in_kernel(self.pending_sqes[i].get_user_data()) {
+                self.in_kernel += 1;
+            }
             i += 1;
         }
         self.pending_sqes.clear();
@@ -510,7 +519,8 @@ impl Reactor {
 
     fn reap_cqes(&mut self) {
         let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
-        self.in_kernel -= cqes.len().min(self.in_kernel);
+        let counted = cqes.iter().filter(|c| counts_in_kernel(c.user_data())).count();
+        self.in_kernel -= counted.min(self.in_kernel);
         for cqe in cqes {
             self.handle_cqe(cqe.user_data(), cqe.result());
         }
@@ -543,7 +553,7 @@ impl Reactor {
                     return false;
                 }
             }
-            let n = self.ring.completion().count();
+            let n = self.ring.completion().filter(|c| counts_in_kernel(c.user_data())).count();
             self.in_kernel -= n.min(self.in_kernel);
         }
         true
@@ -1334,7 +1344,14 @@ impl Reactor {
     /// Closes an fd through the ring: no syscall of its own.
     fn close_async(&mut self, fd: OwnedFd) {
         use std::os::fd::IntoRawFd;
-        let sqe = opcode::Close::new(types::Fd(fd.into_raw_fd())).build().user_data(ud(K_CLOSE, 0, 0));
+        // No completion unless it fails: a successful close completes inside the
+        // submit, and its completion would make the next wait return at once (one
+        // more loop round and `io_uring_enter`). Not counted in `in_kernel`: it
+        // holds no buffer (see `counts_in_kernel`).
+        let sqe = opcode::Close::new(types::Fd(fd.into_raw_fd()))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(ud(K_CLOSE, 0, 0));
         self.push_sqe(sqe);
     }
 
@@ -1412,6 +1429,9 @@ impl Reactor {
                 }
                 self.maybe_free(key);
             }
+            K_CLOSE if res < 0 => {
+                tracing::warn!(error = %std::io::Error::from_raw_os_error(-res), "closing a descriptor through the ring failed");
+            }
             _ => {}
         }
     }
@@ -1473,17 +1493,24 @@ impl Reactor {
     fn on_runner_msg(&mut self, msg: runner_to_host::Msg) {
         match msg {
             runner_to_host::Msg::Exited(e) => {
-                let key = self.by_worker_id.get(&e.worker_id).copied();
-                if key.and_then(|k| self.worker(k)).is_some_and(|w| w.state == WState::Idle) {
+                let Some(&key) = self.by_worker_id.get(&e.worker_id) else { return };
+                let Some(w) = self.worker(key) else { return };
+                if let Some((region, _)) = w.shm.as_ref() {
+                    // Reaped, and its PID namespace with it: its region may be
+                    // wiped and reused.
+                    region.mark_reaped();
+                }
+                if w.state == WState::Idle {
                     // A caller may have handed this worker a request: know it first.
+                    // The exit is recorded before, so that what those commands do
+                    // (typically: the caller read the response, the slot is
+                    // released) knows the worker is gone: no `shutdown` to tell it
+                    // end-of-file, no `Kill` order, and the record is freed at once
+                    // (then nothing is left for `on_worker_exit`).
+                    w.exited = Some(e.wait_status);
                     self.drain_commands();
                 }
-                if let Some(&key) = self.by_worker_id.get(&e.worker_id) {
-                    if let Some((region, _)) = self.worker(key).and_then(|w| w.shm.as_ref()) {
-                        // Reaped, and its PID namespace with it: its region may be
-                        // wiped and reused.
-                        region.mark_reaped();
-                    }
+                if self.by_worker_id.get(&e.worker_id) == Some(&key) {
                     self.on_worker_exit(key, e.wait_status, None);
                 }
             }
@@ -2096,6 +2123,11 @@ impl Reactor {
                     busy = (w.state == WState::Busy).then_some(key);
                 }
             }
+        }
+        // The execution's copy of the worker's channel: closed through the ring if
+        // it is the last one (no `close` syscall on this thread).
+        if let Some((_, Some(fd))) = exec.handoff.take() {
+            self.close_shared(fd);
         }
         match (exec.sink.take(), result) {
             (Some(sink), Some(result)) if !caller_has_it => {
