@@ -3,6 +3,7 @@
 //! spawned. Other threads talk to a shard only through its command queue and its
 //! eventfd; nothing on a shard blocks.
 
+mod bufring;
 mod ctl;
 pub(crate) mod direct;
 mod reactor;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use prost::Message;
 
+use super::bufring::BufRing;
 use super::ctl::CtlOut;
 use super::direct::{self, Handoff, Peeked, Taken};
 use super::{Cmd, ExecRequest, Offer, Readiness, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
@@ -231,6 +232,10 @@ pub(super) struct Reactor {
     awaiting_channels: Vec<u64>,
     /// Set when the sandbox cannot come back: every execution fails with it.
     runner_fatal: Option<String>,
+    /// The control receive's buffers: a provided-buffer ring for one multishot
+    /// receive, or (where it cannot be registered) `ctl_buf` for one receive at a
+    /// time.
+    ctl_bufs: Option<BufRing>,
     ctl_buf: Box<[u8]>,
     ctl_decoder: frame::Decoder,
     ctl_out: CtlOut,
@@ -263,6 +268,12 @@ pub(super) struct Reactor {
 /// descriptor table that each clone copies: the suspected cause, not confirmed);
 /// batches of 2 cost more in messages and wake-ups than 4 or 8.
 const CHANNEL_BATCH: u32 = 8;
+
+/// The runner connection's receive buffers: `CTL_BUF_BYTES` in all, in `CTL_BUFS`
+/// provided buffers (buffer group `CTL_BGID`) when the multishot receive is used.
+const CTL_BUF_BYTES: usize = 64 * 1024;
+const CTL_BUFS: u16 = 8;
+const CTL_BGID: u16 = 0;
 const CHANNEL_LOW_WATER: usize = 3;
 
 /// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h, Linux 5.19): a
@@ -299,6 +310,14 @@ impl Reactor {
         runner: Option<Arc<OwnedFd>>,
     ) -> Reactor {
         let min_timeout = ring.params().is_feature_min_timeout();
+        let ctl_bufs = match BufRing::register(&ring, CTL_BGID, CTL_BUFS, CTL_BUF_BYTES / usize::from(CTL_BUFS)) {
+            Ok(bufs) => Some(bufs),
+            Err(e) => {
+                tracing::info!(shard = config.index, error = %e, "no provided-buffer ring: the runner connection is read one receive at a time");
+                None
+            }
+        };
+        let ctl_bufs_missing = ctl_bufs.is_none();
         Reactor {
             batching: deferred && min_timeout && config.batch_wait > Duration::ZERO,
             deferred,
@@ -314,7 +333,8 @@ impl Reactor {
             channels_requested: false,
             awaiting_channels: Vec::new(),
             runner_fatal: None,
-            ctl_buf: vec![0u8; 64 * 1024].into_boxed_slice(),
+            ctl_bufs,
+            ctl_buf: if ctl_bufs_missing { vec![0u8; CTL_BUF_BYTES].into_boxed_slice() } else { Box::default() },
             ctl_decoder: frame::Decoder::default(),
             ctl_out: CtlOut::default(),
             runner_dead: false,
@@ -522,7 +542,7 @@ impl Reactor {
         let counted = cqes.iter().filter(|c| counts_in_kernel(c.user_data())).count();
         self.in_kernel -= counted.min(self.in_kernel);
         for cqe in cqes {
-            self.handle_cqe(cqe.user_data(), cqe.result());
+            self.handle_cqe(cqe.user_data(), cqe.result(), cqe.flags());
         }
     }
 
@@ -1383,15 +1403,19 @@ impl Reactor {
 
     // ----- completions ------------------------------------------------------------
 
-    fn handle_cqe(&mut self, user_data: u64, res: i32) {
+    fn handle_cqe(&mut self, user_data: u64, res: i32, flags: u32) {
         let kind = user_data >> 56;
         let key = (user_data & 0xffff_ffff) as u32;
         let gen = ((user_data >> 32) & 0xff_ffff) as u32;
         match kind {
             K_EVENTFD => self.post_eventfd_read(),
             K_CTL_RECV => {
-                self.ctl_inflight -= 1;
-                self.on_ctl_recv(res);
+                // A multishot receive stays armed while its completions say `MORE`.
+                let armed = cqueue::more(flags);
+                if !armed {
+                    self.ctl_inflight -= 1;
+                }
+                self.on_ctl_recv(res, cqueue::buffer_select(flags), armed);
             }
             K_CTL_SEND => {
                 self.ctl_inflight -= 1;
@@ -1444,29 +1468,49 @@ impl Reactor {
         self.push_sqe(sqe);
     }
 
+    /// Posts the receive on the runner connection: one multishot receive into the
+    /// provided-buffer ring, which stays armed across messages (no new receive and
+    /// no new poll per report: about one per execution), or a single receive into
+    /// `ctl_buf` without a ring.
     fn post_ctl_recv(&mut self) {
-        let sqe = opcode::Recv::new(types::Fd(self.ctl.as_raw_fd()), self.ctl_buf.as_mut_ptr(), self.ctl_buf.len() as u32)
-            .build()
-            .user_data(ud(K_CTL_RECV, 0, 0));
+        let fd = types::Fd(self.ctl.as_raw_fd());
+        let sqe = match &self.ctl_bufs {
+            Some(bufs) => opcode::RecvMulti::new(fd, bufs.bgid()).build(),
+            None => opcode::Recv::new(fd, self.ctl_buf.as_mut_ptr(), self.ctl_buf.len() as u32).build(),
+        };
         self.ctl_inflight += 1;
-        self.push_sqe(sqe);
+        self.push_sqe(sqe.user_data(ud(K_CTL_RECV, 0, 0)));
     }
 
-    fn on_ctl_recv(&mut self, res: i32) {
+    /// A completion of the control receive: `res` bytes in provided buffer `bid`
+    /// (or in `ctl_buf`); `armed`: the multishot receive goes on (otherwise it is
+    /// posted again, unless the runner is gone).
+    fn on_ctl_recv(&mut self, res: i32, bid: Option<u16>, armed: bool) {
+        if res > 0 && !self.runner_dead {
+            let n = res as usize;
+            match (&self.ctl_bufs, bid) {
+                (Some(bufs), Some(bid)) => self.ctl_decoder.extend(bufs.get(bid, n)),
+                _ => self.ctl_decoder.extend(&self.ctl_buf[..n.min(self.ctl_buf.len())]),
+            }
+        }
+        if let (Some(bufs), Some(bid)) = (self.ctl_bufs.as_mut(), bid) {
+            bufs.recycle(bid);
+        }
         if self.runner_dead {
             return;
         }
         if res <= 0 {
-            if res == -libc::EINTR || res == -libc::EAGAIN {
-                self.post_ctl_recv();
+            // ENOBUFS: every provided buffer was in use (they are given back as
+            // each completion is handled); the multishot receive ended.
+            if res == -libc::EINTR || res == -libc::EAGAIN || res == -libc::ENOBUFS {
+                if !armed {
+                    self.post_ctl_recv();
+                }
                 return;
             }
             self.runner_gone("the sandbox runner exited");
             return;
         }
-        let n = res as usize;
-        let bytes = self.ctl_buf[..n].to_vec();
-        self.ctl_decoder.extend(&bytes);
         let mut msgs = Vec::new();
         loop {
             match self.ctl_decoder.next_frame(1 << 20) {
@@ -1487,7 +1531,9 @@ impl Reactor {
         for m in msgs {
             self.on_runner_msg(m);
         }
-        self.post_ctl_recv();
+        if !armed && !self.runner_dead {
+            self.post_ctl_recv();
+        }
     }
 
     fn on_runner_msg(&mut self, msg: runner_to_host::Msg) {
