@@ -54,8 +54,8 @@ impl BufRing {
             return Err(io::Error::other("mmap returned a null mapping"));
         };
         let mut this = BufRing { entries, map_len, bufs: vec![0u8; usize::from(count) * size].into_boxed_slice(), size, count, tail: 0, bgid };
-        // SAFETY: the entries live (page-aligned) until `Drop`, which unregisters
-        // them first; `count` entries as registered.
+        // SAFETY: `count` page-aligned entries, mapped until `Drop`; the reactor
+        // drops this only once no receive of its ring uses the group (module docs).
         unsafe { ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, count, bgid, 0)? };
         for bid in 0..count {
             this.push(bid);

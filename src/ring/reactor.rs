@@ -268,13 +268,13 @@ pub(super) struct Reactor {
 /// descriptor table that each clone copies: the suspected cause, not confirmed);
 /// batches of 2 cost more in messages and wake-ups than 4 or 8.
 const CHANNEL_BATCH: u32 = 8;
+const CHANNEL_LOW_WATER: usize = 3;
 
 /// The runner connection's receive buffers: `CTL_BUF_BYTES` in all, in `CTL_BUFS`
 /// provided buffers (buffer group `CTL_BGID`) when the multishot receive is used.
 const CTL_BUF_BYTES: usize = 64 * 1024;
 const CTL_BUFS: u16 = 8;
 const CTL_BGID: u16 = 0;
-const CHANNEL_LOW_WATER: usize = 3;
 
 /// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h, Linux 5.19): a
 /// recv/send flag in the SQE's `ioprio` field.
