@@ -1490,7 +1490,12 @@ impl Reactor {
             let n = res as usize;
             match (&self.ctl_bufs, bid) {
                 (Some(bufs), Some(bid)) => self.ctl_decoder.extend(bufs.get(bid, n)),
-                _ => self.ctl_decoder.extend(&self.ctl_buf[..n.min(self.ctl_buf.len())]),
+                (None, _) => self.ctl_decoder.extend(&self.ctl_buf[..n.min(self.ctl_buf.len())]),
+                (Some(_), None) => {
+                    // Never from the kernel: bytes it did not say where it put.
+                    self.runner_gone("a runner report arrived without its receive buffer");
+                    return;
+                }
             }
         }
         if let (Some(bufs), Some(bid)) = (self.ctl_bufs.as_mut(), bid) {
