@@ -3,6 +3,8 @@
 
 #[path = "samples.rs"]
 mod samples;
+#[path = "zygote_shim.rs"]
+mod zygote_shim;
 
 fn main() {
     println!("cargo:rerun-if-changed=proto");
@@ -12,5 +14,6 @@ fn main() {
         .compile_fds(fds)
         .expect("generate Rust code for proto/*.proto");
 
+    zygote_shim::build();
     samples::build();
 }

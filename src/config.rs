@@ -269,11 +269,25 @@ pub struct LoadOptions {
     /// Let the UDF call registered host functions during its executions (see
     /// `Engine::register_host_function`). Off: a host call gets an error reply.
     pub host_api: bool,
+    /// Zygote start (`minimal` mode): the runner execs the binary once as a
+    /// template, stopped before the binary's own constructors and `main`, and forks
+    /// every worker from it, so workers skip the dynamic loader and the C
+    /// library's start-up (BENCHMARKS.md, "Zygote start"). Each execution still
+    /// gets a fresh process (a copy-on-write copy of a template that never saw a
+    /// request) in the same sandbox. Trade-offs: the workers of one template share
+    /// its address-space layout, stack canary and pointer guard (ASLR no longer
+    /// differs between executions of this code token), and the template runs the
+    /// constructors of the binary's libraries (from the library mounts, which
+    /// must therefore hold trusted code) while it holds the runner's seccomp-gate
+    /// key. Only dynamically linked glibc binaries that run no code of their own
+    /// before `main` qualify (no preinit array, no IFUNC resolver, no exported
+    /// function a library could call); `load` says which rule a binary breaks.
+    pub zygote: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> LoadOptions {
-        LoadOptions { workers: 1, log_egress: false, shared_memory: None, host_api: false }
+        LoadOptions { workers: 1, log_egress: false, shared_memory: None, host_api: false, zygote: false }
     }
 }
 

@@ -243,7 +243,8 @@ impl Engine {
     pub fn load_for_logging(&self, token: &CodeToken, workers: usize) -> Result<CodeToken> {
         check_workers(workers)?;
         let entry = self.token(token)?;
-        let options = LoadOptions { workers, log_egress: true, shared_memory: entry.shm, host_api: entry.host_api };
+        let options =
+            LoadOptions { workers, log_egress: true, shared_memory: entry.shm, host_api: entry.host_api, zygote: entry.zygote };
         Ok(self.register(entry.binary.clone(), &options))
     }
 
@@ -418,6 +419,16 @@ impl Engine {
                 )));
             }
         }
+        if options.zygote {
+            if self.config.mode != Mode::Minimal {
+                return Err(Error::InvalidArgument(format!(
+                    "zygote start is available in minimal mode only (this engine runs in {:?} mode); load {what} without it",
+                    self.config.mode
+                )));
+            }
+            crate::sandbox::zygote_elf::check(bytes)
+                .map_err(|why| Error::InvalidArgument(format!("{what} cannot be started from a zygote: {why}")))?;
+        }
         let binary = Arc::new(sealed_memfd(bytes)?);
         Ok(self.register(binary, &options))
     }
@@ -443,6 +454,7 @@ impl Engine {
             log: options.log_egress,
             host_api: options.host_api,
             shm: options.shared_memory,
+            zygote: options.zygote,
             direct: self.config.caller_reads
                 && self.config.hand_over
                 && !options.log_egress

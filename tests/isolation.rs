@@ -43,7 +43,8 @@ fn filesystem_is_read_only_and_holds_only_the_library_mounts() {
         let etc = if cache { "etc," } else { "" };
         match mode {
             Mode::Minimal => {
-                assert_eq!(probe(&e, &t, "list_dir", "/"), format!("{etc}lib,lib64,usr"));
+                // roma-zygote.so: the zygote shim (`LoadOptions::zygote`), read-only.
+                assert_eq!(probe(&e, &t, "list_dir", "/"), format!("{etc}lib,lib64,roma-zygote.so,usr"));
                 for hidden in ["/proc", "/dev", "/tmp", "/root"] {
                     assert_eq!(probe(&e, &t, "stat_path", hidden), "ENOENT", "{hidden} must not exist");
                 }

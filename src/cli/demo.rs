@@ -38,6 +38,10 @@ pub struct DemoArgs {
     /// executions in flight during the throughput run
     #[arg(long, default_value_t = 500)]
     collect_us: u64,
+    /// Zygote start: fork workers from a pre-main template of the binary
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
+    #[arg(long)]
+    zygote: bool,
 }
 
 fn us(d: Duration) -> u64 {
@@ -62,6 +66,9 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     println!("  mode: {} ({why})", mode.as_str());
     println!("  syscall filter: {}", a.engine.filter);
     println!("  binary: {}", binary.display());
+    if a.zygote {
+        println!("  workers start from a zygote template (--zygote)");
+    }
 
     let t0 = Instant::now();
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
@@ -83,7 +90,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
 
     // Load with one worker: the call itself, then until the first response.
     let t1 = Instant::now();
-    let one = engine.load(&binary, LoadOptions { workers: 1, ..Default::default() }).map_err(|e| e.to_string())?;
+    let one = engine.load(&binary, LoadOptions { workers: 1, zygote: a.zygote, ..Default::default() }).map_err(|e| e.to_string())?;
     let load_call = t1.elapsed();
     let first = engine.execute::<_, SampleResponse>(&one, &req, opts.clone()).map_err(|e| e.to_string())?.wait();
     let first_done = t1.elapsed();
@@ -92,7 +99,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         load_call.as_secs_f64() * 1e3, first_done.as_secs_f64() * 1e3);
     engine.delete(&one).map_err(|e| e.to_string())?;
 
-    let token = engine.load(&binary, LoadOptions { workers: a.workers, ..Default::default() }).map_err(|e| e.to_string())?;
+    let token = engine.load(&binary, LoadOptions { workers: a.workers, zygote: a.zygote, ..Default::default() }).map_err(|e| e.to_string())?;
     // Warm the pool.
     for _ in 0..a.workers.max(1) * 2 {
         engine.execute::<_, SampleResponse>(&token, &req, opts.clone()).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;

@@ -23,6 +23,10 @@ pub struct ExecArgs {
     /// Capture the UDF's stdout/stderr and print them on stderr.
     #[arg(long)]
     log: bool,
+    /// Zygote start: fork workers from a pre-main template of the binary
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
+    #[arg(long)]
+    zygote: bool,
     /// .proto file describing the request and response (enables JSON).
     #[arg(long, requires_all = ["request_type", "response_type"])]
     proto: Option<PathBuf>,
@@ -58,7 +62,7 @@ pub fn run(a: ExecArgs) -> Result<(), String> {
     };
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
     let token = engine
-        .load(&a.binary, LoadOptions { workers: a.workers, log_egress: a.log, ..Default::default() })
+        .load(&a.binary, LoadOptions { workers: a.workers, log_egress: a.log, zygote: a.zygote, ..Default::default() })
         .map_err(|e| e.to_string())?;
     let opts = ExecuteOptions { timeout: Duration::from_millis(a.timeout_ms), ..Default::default() };
     let done = engine.execute_raw(&token, &request, opts).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;

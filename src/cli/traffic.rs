@@ -107,6 +107,10 @@ pub struct TrafficArgs {
     /// at normal priority and says so.
     #[arg(long)]
     no_realtime: bool,
+    /// Zygote start: fork workers from a pre-main template of the binary
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
+    #[arg(long)]
+    zygote: bool,
 }
 
 /// Parses a duration such as `15s`, `500ms`, `2m`, `1m30s`, `1.5s`, `250us`, `1h`.
@@ -617,7 +621,7 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
 
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| format!("cannot start the engine: {e}"))?;
     let token = engine
-        .load(&binary, LoadOptions { workers: a.workers, shared_memory: a.shared_memory, ..Default::default() })
+        .load(&binary, LoadOptions { workers: a.workers, shared_memory: a.shared_memory, zygote: a.zygote, ..Default::default() })
         .map_err(|e| format!("cannot load {}: {e}", binary.display()))?;
     let options = ExecuteOptions { worker_wait_timeout: a.connection_timeout, timeout: a.timeout, ..Default::default() };
 
@@ -630,6 +634,9 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
         request.len(),
         a.shared_memory.map(|b| format!(", shared memory: {b} bytes per worker")).unwrap_or_default()
     );
+    if a.zygote {
+        println!("  workers start from a zygote template (--zygote)");
+    }
 
     // One execution first: a binary that cannot answer fails here with its error,
     // not as thousands of failures.

@@ -38,6 +38,8 @@ pub(crate) struct TokenEntry {
     pub host_api: bool,
     /// Shared-memory region size per worker, when the token uses that transport.
     pub shm: Option<usize>,
+    /// Workers are forked from a zygote template (`LoadOptions::zygote`).
+    pub zygote: bool,
     /// A caller waiting for a handed-over execution may read its response from
     /// the socket itself (see [`direct`]): socket transport, no host calls, no log
     /// capture, and `Config::caller_reads`. The shard then posts no receive on

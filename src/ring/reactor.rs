@@ -633,7 +633,7 @@ impl Reactor {
 
     fn send_load(&mut self, entry: &TokenEntry) {
         match entry.binary.try_clone() {
-            Ok(fd) => self.ctl_out.push(host_to_runner::Msg::Load(Load { code_id: entry.id }), vec![fd]),
+            Ok(fd) => self.ctl_out.push(host_to_runner::Msg::Load(Load { code_id: entry.id, zygote: entry.zygote }), vec![fd]),
             Err(e) => tracing::error!(error = %e, "cannot duplicate a binary fd"),
         }
     }

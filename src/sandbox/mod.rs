@@ -7,3 +7,4 @@ pub mod policy;
 pub mod rootfs;
 pub mod launch;
 pub mod seccomp;
+pub mod zygote_elf;

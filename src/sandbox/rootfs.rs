@@ -1,6 +1,6 @@
 //! `minimal` mode: the runner enters fresh user, mount, network, IPC and UTS
 //! namespaces and pivots once into a read-only tmpfs root that holds only the
-//! library mounts. Workers share this root, so a worker costs no mount work at all
+//! library mounts and the zygote shim (`crate::udf_runner::zygote::SHIM_PATH`). Workers share this root, so a worker costs no mount work at all
 //! (DESIGN §4: a mount namespace + pivot_root per worker costs more than the rest of
 //! the spawn path together).
 
@@ -134,6 +134,10 @@ pub fn enter_minimal_root(lib_mounts: &[PathBuf], scratch: &Path) -> io::Result<
             None,
         )?;
     }
+    // The zygote shim (`crate::udf_runner::zygote`), read-only with the rest.
+    let shim = scratch.join(crate::udf_runner::zygote::SHIM_PATH.trim_start_matches('/'));
+    std::fs::write(&shim, crate::udf_runner::zygote::SHIM)
+        .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", shim.display())))?;
     let old = scratch.join(".old-root");
     std::fs::create_dir(&old).map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", old.display())))?;
     let scratch_c = cstr(scratch)?;

@@ -12,6 +12,7 @@
 //! is never a recycled one when a connection thread signals it.
 
 pub mod spawn;
+pub mod zygote;
 
 use std::collections::HashMap;
 use std::io;
@@ -27,6 +28,7 @@ use crate::ipc::control::{
 use crate::ipc::{fdpass, frame};
 use crate::sandbox::{gate, policy, rootfs, seccomp};
 use spawn::{FdSlots, SpawnPlan, Spawner};
+use zygote::Zygote;
 
 /// Runner settings, passed as command-line arguments by the engine.
 #[derive(Debug, Default)]
@@ -129,6 +131,8 @@ struct Worker {
     /// then not the last one, so the socket's release (~10 µs of kernel work) runs
     /// here, on the reaping thread, rather than on an engine thread.
     host_end: Option<OwnedFd>,
+    /// A zygote template, not a worker: reaped without a report.
+    template: bool,
 }
 
 /// Nice value of the connection threads and so of every worker (see `ConnThread::run`).
@@ -493,6 +497,7 @@ fn reap(shared: &Shared) -> Vec<OwnedFd> {
                 break;
             }
             match tables.pids.remove(&pid) {
+                Some(w) if w.template => {}
                 Some(w) => {
                     tables.awaited -= usize::from(w.awaited);
                     tables.by_worker.remove(&(w.conn, w.worker_id));
@@ -513,6 +518,15 @@ fn reap(shared: &Shared) -> Vec<OwnedFd> {
     host_ends
 }
 
+/// A loaded binary.
+struct Binary {
+    fd: OwnedFd,
+    /// Workers are forked from a template (`Load::zygote`), started at the first
+    /// spawn.
+    zygote: bool,
+    template: Option<Zygote>,
+}
+
 /// One control connection: its orders, binaries and spawner.
 struct ConnThread {
     idx: usize,
@@ -520,7 +534,7 @@ struct ConnThread {
     settings: Arc<Settings>,
     decoder: frame::Decoder,
     fds: std::collections::VecDeque<OwnedFd>,
-    binaries: HashMap<u64, OwnedFd>,
+    binaries: HashMap<u64, Binary>,
     spawner: Spawner,
     /// Why this connection starts no worker (its seccomp gate is missing).
     refuse: Option<String>,
@@ -670,6 +684,87 @@ impl ConnThread {
         self.made.clear();
     }
 
+    /// One worker of a zygote binary: forked by its template, which is started
+    /// first if it is not running (or was started for the other shared-memory
+    /// setting), and restarted once if it has gone.
+    fn zygote_spawn(
+        &mut self,
+        code_id: u64,
+        channel: RawFd,
+        logs: Option<(RawFd, RawFd)>,
+        shm: Option<RawFd>,
+    ) -> Result<libc::pid_t, String> {
+        let mut restarted = false;
+        loop {
+            let stale = self.binaries.get(&code_id).and_then(|b| b.template.as_ref()).is_some_and(|t| t.shm() != shm.is_some());
+            if stale {
+                if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
+                    self.retire(t);
+                }
+            }
+            if self.binaries.get(&code_id).is_some_and(|b| b.template.is_none()) {
+                let t = self.start_template(code_id, shm.is_some())?;
+                if let Some(b) = self.binaries.get_mut(&code_id) {
+                    b.template = Some(t);
+                }
+            }
+            let Some(t) = self.binaries.get(&code_id).and_then(|b| b.template.as_ref()) else {
+                return Err(format!("unknown code id {code_id}"));
+            };
+            match t.fork(channel, logs, shm) {
+                Ok(pid) => return Ok(pid),
+                Err(e) if !restarted => {
+                    eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
+                    restarted = true;
+                    if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
+                        self.retire(t);
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Execs a template of `code_id` and registers it for the reaper.
+    fn start_template(&mut self, code_id: u64, shm: bool) -> Result<Zygote, String> {
+        let bin = self.binaries.get(&code_id).ok_or_else(|| format!("unknown code id {code_id}"))?;
+        let settings = &self.settings;
+        let setup = zygote::Setup {
+            key: gate::key(),
+            clone_flags: settings.extra_clone_flags as u64,
+            log_fsize: settings.rlimit_fsize.rlim_cur,
+        };
+        let tables = &self.shared.tables;
+        let t = Zygote::start(
+            &mut self.spawner,
+            bin.fd.as_raw_fd(),
+            settings.devnull.as_raw_fd(),
+            settings.rlimit_as,
+            shm,
+            &setup,
+            |pid| {
+                lock(tables).early.remove(&pid);
+            },
+        )
+        .map_err(|e| format!("zygote template: {e}"))?;
+        let mut tables = lock(&self.shared.tables);
+        if let Some(status) = tables.early.remove(&t.pid()) {
+            return Err(format!("the zygote template exited at once (wait status {status:#x})"));
+        }
+        let template = Worker { conn: self.idx, worker_id: 0, code_id, awaited: false, host_end: None, template: true };
+        tables.pids.insert(t.pid(), template);
+        Ok(t)
+    }
+
+    /// Stops a template: it exits on its control socket's end of file; killed too,
+    /// in case it is stuck. The reaper collects it.
+    fn retire(&self, t: Zygote) {
+        let tables = lock(&self.shared.tables);
+        if tables.pids.contains_key(&t.pid()) {
+            kill_worker(t.pid());
+        }
+    }
+
     fn handle(&mut self, msg: host_to_runner::Msg) -> Result<(), Stop> {
         match msg {
             host_to_runner::Msg::Load(load) => {
@@ -677,8 +772,12 @@ impl ConnThread {
                 if self.settings.copy_binaries {
                     fd = copy_to_memfd(&fd).map_err(|e| format!("copy binary into the sandbox: {e}"))?;
                 }
-                if self.binaries.insert(load.code_id, fd).is_some() {
+                let binary = Binary { fd, zygote: load.zygote, template: None };
+                if let Some(old) = self.binaries.insert(load.code_id, binary) {
                     self.spawner.forget_binary();
+                    if let Some(t) = old.template {
+                        self.retire(t);
+                    }
                 }
             }
             host_to_runner::Msg::Unload(unload) => {
@@ -745,11 +844,15 @@ impl ConnThread {
                 let result = match self.binaries.get(&sp.code_id) {
                     _ if self.refuse.is_some() => Err(self.refuse.clone().unwrap_or_default()),
                     None => Err(format!("unknown code id {}", sp.code_id)),
+                    Some(bin) if bin.zygote => {
+                        let logs = logs.as_ref().map(|(o, e)| (o.as_raw_fd(), e.as_raw_fd()));
+                        self.zygote_spawn(sp.code_id, channel.as_raw_fd(), logs, shm.as_ref().map(|f| f.as_raw_fd()))
+                    }
                     Some(bin) => {
                         let settings = &self.settings;
                         let null = settings.devnull.as_raw_fd();
                         let plan = SpawnPlan {
-                            binary: bin.as_raw_fd(),
+                            binary: bin.fd.as_raw_fd(),
                             channel: channel.as_raw_fd(),
                             stdin: null,
                             stdout: logs.as_ref().map_or(null, |l| l.0.as_raw_fd()),
@@ -757,6 +860,7 @@ impl ConnThread {
                             rlimit_as: settings.rlimit_as,
                             rlimit_fsize: logs.as_ref().map(|_| settings.rlimit_fsize),
                             shm: shm.as_ref().map(|f| f.as_raw_fd()),
+                            template: None,
                         };
                         let tables = &self.shared.tables;
                         self.spawner
@@ -780,7 +884,14 @@ impl ConnThread {
                                     tables.awaited += usize::from(awaited);
                                     tables.pids.insert(
                                         pid,
-                                        Worker { conn: self.idx, worker_id: sp.worker_id, code_id: sp.code_id, awaited, host_end },
+                                        Worker {
+                                            conn: self.idx,
+                                            worker_id: sp.worker_id,
+                                            code_id: sp.code_id,
+                                            awaited,
+                                            host_end,
+                                            template: false,
+                                        },
                                     );
                                     tables.by_worker.insert((self.idx, sp.worker_id), pid);
                                     None

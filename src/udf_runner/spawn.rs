@@ -38,6 +38,21 @@ pub struct SpawnPlan {
     pub rlimit_fsize: Option<libc::rlimit>,
     /// Shared-memory region, handed to the UDF as fd 4 (`argv[2]` = "4").
     pub shm: Option<RawFd>,
+    /// Set: this is a zygote template (`super::zygote`): it gets `LD_PRELOAD` for
+    /// the shim and stays in the runner's namespaces (its children each get their
+    /// own). Not a new PID namespace: its children are made with `CLONE_PARENT`,
+    /// which an init process may not use. Not a new user namespace: creating one
+    /// (as each child does) needs the creator's uid mapped in its own, and a fresh
+    /// namespace has no mapping. It still drops every capability and sets
+    /// no_new_privs like any worker.
+    pub template: Option<Template>,
+}
+
+/// A zygote template's spawn (see [`SpawnPlan::template`]).
+pub struct Template {
+    /// Its workers get `argv[2]` = "4" (fd 4 of the template itself is a
+    /// placeholder, `plan.shm`).
+    pub shm_arg: bool,
 }
 
 /// Low-numbered fds reserved for one spawning thread (see the module docs), each
@@ -119,7 +134,7 @@ struct ChildCtx {
     /// these slots (see `FdSlots`).
     slots: *const FdSlots,
     argv: [*const libc::c_char; 4],
-    envp: [*const libc::c_char; 1],
+    envp: [*const libc::c_char; 2],
     failed_step: libc::c_int,
     errno: libc::c_int,
 }
@@ -288,7 +303,12 @@ impl Spawner {
     /// child failed before exec and another thread reaped it first (the runner's
     /// reaper waits for any child), `reaped_elsewhere` gets its pid.
     pub fn spawn(&mut self, plan: &SpawnPlan, reaped_elsewhere: impl FnOnce(libc::pid_t)) -> io::Result<libc::pid_t> {
-        let shm_arg = if plan.shm.is_some() { c"4".as_ptr() } else { std::ptr::null() };
+        let shm_arg = match &plan.template {
+            Some(t) => t.shm_arg,
+            None => plan.shm.is_some(),
+        };
+        let shm_arg = if shm_arg { c"4".as_ptr() } else { std::ptr::null() };
+        let env = if plan.template.is_some() { super::zygote::PRELOAD_ENV.as_ptr() } else { std::ptr::null() };
         if let Some(slots) = &self.slots {
             slots.fill(plan)?;
         }
@@ -296,19 +316,17 @@ impl Spawner {
             plan,
             slots: self.slots.as_ref().map_or(std::ptr::null(), |s| s as *const FdSlots),
             argv: [c"roma-byob-udf".as_ptr(), c"3".as_ptr(), shm_arg, std::ptr::null()],
-            envp: [std::ptr::null()],
+            envp: [env, std::ptr::null()],
             failed_step: 0,
             errno: 0,
         };
         let files = if self.slots.is_some() { libc::CLONE_FILES } else { 0 };
-        let flags = libc::CLONE_VM
-            | files
-            | libc::CLONE_VFORK
-            | libc::CLONE_NEWUSER
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWUTS
-            | self.extra_flags
-            | libc::SIGCHLD;
+        let namespaces = if plan.template.is_some() {
+            0
+        } else {
+            libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | self.extra_flags
+        };
+        let flags = libc::CLONE_VM | files | libc::CLONE_VFORK | namespaces | libc::SIGCHLD;
         // SAFETY: the stack top is within our allocation and 16-byte aligned; with
         // CLONE_VFORK the parent is suspended until the child execs or exits, so
         // `ctx` and `plan` stay valid and unaliased for the child's whole run.

@@ -33,6 +33,12 @@
  *                 process group)
  *   open_fds      the fd numbers open in this process, comma-separated (found
  *                 with fcntl(F_GETFD) up to 4096: no /proc needed)
+ *   environ       the environment's entries, comma-separated ("" when empty)
+ *   argv          the command line's arguments, comma-separated
+ *   memory_residue "clean" if a static 64 KiB buffer is all zero and a static
+ *                 initialised marker still holds its initial value, else "dirty";
+ *                 then writes both (so a process that saw an earlier execution's
+ *                 memory would say "dirty")
  *   anything else "unknown probe"
  */
 #ifndef _GNU_SOURCE
@@ -340,6 +346,30 @@ static void probe_kill_parent(void) {
 }
 
 /* Copies a protobuf string into a NUL-terminated heap string (or dies). */
+extern char **environ;
+
+/* Appends `items` (NULL-terminated), comma-separated, to the result. */
+static void set_joined(char **items) {
+  size_t used = 0;
+  result[0] = '\0';
+  for (char **it = items; it && *it; it++) {
+    int n = snprintf(result + used, sizeof result - used, "%s%s", used ? "," : "", *it);
+    if (n < 0 || (size_t)n >= sizeof result - used) break;
+    used += (size_t)n;
+  }
+}
+
+static unsigned char residue[64 * 1024];
+static volatile int residue_marker = 0x5a;
+
+static void probe_memory_residue(void) {
+  int dirty = residue_marker != 0x5a;
+  for (size_t i = 0; i < sizeof residue && !dirty; i++) dirty = residue[i] != 0;
+  set_result(dirty ? "dirty" : "clean");
+  memset(residue, 0xab, sizeof residue);
+  residue_marker = 0;
+}
+
 static char *dup_string(const roma_pb_field *f) {
   char *s = (char *)malloc(f->len + 1);
   if (s == NULL) roma_udf_die("probe: out of memory");
@@ -415,6 +445,12 @@ int main(int argc, char **argv) {
     probe_kill_parent();
   } else if (strcmp(probe, "open_fds") == 0) {
     probe_open_fds();
+  } else if (strcmp(probe, "environ") == 0) {
+    set_joined(environ);
+  } else if (strcmp(probe, "argv") == 0) {
+    set_joined(argv);
+  } else if (strcmp(probe, "memory_residue") == 0) {
+    probe_memory_residue();
   } else {
     set_result("unknown probe");
   }

@@ -1,0 +1,166 @@
+//! Zygote start (`LoadOptions::zygote`, minimal mode): workers forked from a
+//! pre-main template keep every isolation promise of exec'd workers, the engine's
+//! features work on them, and binaries that would run their own code in the
+//! template are refused with the reason.
+
+mod common;
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{Code, CodeToken, Engine, LoadOptions, Mode, SyscallFilter};
+
+fn zygote(e: &Engine, name: &str, workers: usize) -> CodeToken {
+    zygote_with(e, name, LoadOptions { workers, ..Default::default() })
+}
+
+fn zygote_with(e: &Engine, name: &str, options: LoadOptions) -> CodeToken {
+    e.load(sample(name), LoadOptions { zygote: true, ..options }).unwrap_or_else(|err| panic!("zygote load {name}: {err}"))
+}
+
+#[test]
+fn zygote_workers_answer_every_execution() {
+    let e = engine(Mode::Minimal);
+    let t = zygote(&e, "hello_world", 4);
+    for i in 0..200 {
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "execution {i}");
+    }
+    // Concurrently too.
+    let pending: Vec<_> =
+        (0..64).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap()).collect();
+    for p in pending {
+        assert_eq!(p.wait().unwrap().response.greeting, "Hello, world!");
+    }
+}
+
+#[test]
+fn zygote_workers_keep_the_isolation_promises() {
+    for filter in [SyscallFilter::Untrusted, SyscallFilter::No] {
+        let e = engine_with(Mode::Minimal, filter);
+        let t = zygote(&e, "probe", 2);
+        let exec = load(&e, "probe", 1);
+        assert_eq!(probe(&e, &t, "capabilities", ""), "eff=0 prm=0 inh=0", "{filter:?}");
+        assert_eq!(probe(&e, &t, "kill_parent", ""), "ESRCH", "{filter:?}: alone in its PID namespace");
+        assert_eq!(probe(&e, &t, "uid", ""), probe(&e, &exec, "uid", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "open_fds", ""), "0,1,2,3", "{filter:?}: nothing of the template's");
+        // The environment and arguments an exec'd worker gets: no LD_PRELOAD.
+        assert_eq!(probe(&e, &t, "environ", ""), "", "{filter:?}");
+        assert_eq!(probe(&e, &t, "environ", ""), probe(&e, &exec, "environ", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "argv", ""), probe(&e, &exec, "argv", ""), "{filter:?}");
+        let create = probe(&e, &t, "create_file", "/udf-was-here");
+        assert_ne!(create, "ok", "{filter:?}: the root is read-only");
+        assert_eq!(create, probe(&e, &exec, "create_file", "/udf-was-here"), "{filter:?}");
+        assert_eq!(probe(&e, &t, "unshare_user", ""), probe(&e, &exec, "unshare_user", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "fork", ""), probe(&e, &exec, "fork", ""), "{filter:?}");
+        if filter == SyscallFilter::Untrusted {
+            // The template may clone (with the gate's key); its children may not.
+            assert_eq!(probe(&e, &t, "fork", ""), "EPERM");
+        }
+        // Nothing passes between executions: each child starts from the pristine
+        // template, whatever the previous one wrote.
+        for i in 0..6 {
+            assert_eq!(probe(&e, &t, "memory_residue", ""), "clean", "{filter:?}, execution {i}");
+        }
+        assert_eq!(probe(&e, &t, "msgq_put", ""), if filter == SyscallFilter::No { "ok" } else { "EPERM" });
+        if filter == SyscallFilter::No {
+            assert_eq!(probe(&e, &t, "msgq_get", ""), "ENOENT", "a worker's IPC namespace is its own");
+        }
+    }
+}
+
+#[test]
+fn zygote_workers_capture_logs_and_use_shared_memory() {
+    let e = engine(Mode::Minimal);
+    let t = zygote_with(&e, "log_udf", LoadOptions { workers: 1, log_egress: true, ..Default::default() });
+    for _ in 0..3 {
+        let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        let logs = r.logs.unwrap();
+        assert_eq!(String::from_utf8_lossy(&logs.stdout), "I am a stdout log.\n");
+        assert_eq!(String::from_utf8_lossy(&logs.stderr), "I am a stderr log.\n");
+    }
+    let logged = e.load_for_logging(&zygote(&e, "probe", 1), 1).unwrap();
+    assert_eq!(probe(&e, &logged, "open_fds", ""), "0,1,2,3");
+    let shm = zygote_with(&e, "probe", LoadOptions { workers: 2, shared_memory: Some(1 << 16), ..Default::default() });
+    for _ in 0..3 {
+        assert_eq!(probe(&e, &shm, "open_fds", ""), "0,1,2,3,4");
+        assert!(probe(&e, &shm, "shm_residue", "").starts_with("clean"));
+        assert!(probe(&e, &shm, "shm_fill", "").starts_with("filled"));
+    }
+}
+
+#[test]
+fn failing_zygote_workers_fail_their_execution() {
+    let e = engine(Mode::Minimal);
+    let good = zygote(&e, "hello_world", 1);
+    for (name, needle) in [
+        ("abort_after_ready", "killed by signal"),
+        ("exit_nonzero", "status 3"),
+        ("garbage_frame", "malformed response frame"),
+        ("abort_before_ready", "before signalling readiness"),
+    ] {
+        let t = zygote(&e, name, 1);
+        for _ in 0..2 {
+            let err =
+                e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{name}: {err}");
+            assert!(err.message().contains(needle), "{name}: {err}");
+        }
+        assert_eq!(hello(&e, &good).unwrap(), "Hello, world!", "engine still serves after {name}");
+        e.delete(&t).unwrap();
+    }
+}
+
+#[test]
+fn unfit_binaries_are_refused_with_the_reason() {
+    let e = engine(Mode::Minimal);
+    for (name, needle) in [
+        ("hello_world_static", "statically linked"),
+        ("hello_nolibc", "statically linked"),
+        ("zygote_ifunc", "IRELATIVE"),
+        ("zygote_preinit", "DT_PREINIT_ARRAY"),
+        ("zygote_malloc", "exports symbol"),
+    ] {
+        let err = e.load(sample(name), LoadOptions { zygote: true, ..Default::default() }).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err}");
+        assert!(err.message().contains(needle) && err.message().contains("zygote"), "{name}: {err}");
+        // The same binary loads and runs without zygote start.
+        let t = load(&e, name, 1);
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{name} without zygote start");
+    }
+}
+
+#[test]
+fn zygote_start_is_minimal_mode_only() {
+    if !modes().contains(&Mode::Gvisor) {
+        return;
+    }
+    let e = engine(Mode::Gvisor);
+    let err = e.load(sample("hello_world"), LoadOptions { zygote: true, ..Default::default() }).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("minimal mode only"), "{err}");
+}
+
+/// Deleting a zygote token ends its template and workers: no process of it stays.
+#[test]
+fn delete_ends_the_template_and_its_workers() {
+    let e = engine(Mode::Minimal);
+    let count = || -> usize {
+        runner_threads(e.sandbox_pid(), 0, |p| std::fs::metadata(p).ok().map(|_| p.to_string()))
+            .iter()
+            .map(|(_, _, children)| children.len())
+            .sum()
+    };
+    let t = zygote(&e, "hello_world", 3);
+    assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
+    // Three workers and at least one template (one per engine shard that spawned).
+    let poll_until = |done: &dyn Fn(usize) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done(count()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    poll_until(&|n| n >= 4);
+    assert!(count() >= 4, "processes: {}", count());
+    e.delete(&t).unwrap();
+    poll_until(&|n| n == 0);
+    assert_eq!(count(), 0, "template and workers are reaped after delete");
+}
