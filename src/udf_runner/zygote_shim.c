@@ -34,6 +34,9 @@
 #include <linux/sched.h>
 #include <signal.h>
 #include <errno.h>
+#include <elf.h>
+#include <link.h>
+#include <sys/mman.h>
 
 #define CTL_FD 3
 #define SHM_FD 4
@@ -94,6 +97,76 @@ static int recv_exact(void *buf, size_t len) {
   return 0;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#define PAGE 4096UL
+
+static void populate(unsigned long start, unsigned long end) {
+  start &= ~(PAGE - 1);
+  end = (end + PAGE - 1) & ~(PAGE - 1);
+  if (end > start) sys(SYS_madvise, (long)start, (long)(end - start), MADV_POPULATE_WRITE, 0, 0);
+}
+
+/* The writable, file-backed part of one object's segments (past its RELRO part,
+ * which is read-only by now), and the page after it. */
+static void populate_object(unsigned long base, const Elf64_Phdr *ph, unsigned long n) {
+  unsigned long relro_end = 0;
+  for (unsigned long i = 0; i < n; i++)
+    if (ph[i].p_type == PT_GNU_RELRO) relro_end = (base + ph[i].p_vaddr + ph[i].p_memsz) & ~(PAGE - 1);
+  for (unsigned long i = 0; i < n; i++) {
+    if (ph[i].p_type != PT_LOAD || !(ph[i].p_flags & PF_W)) continue;
+    unsigned long start = base + ph[i].p_vaddr, end = start + ph[i].p_filesz + PAGE;
+    if (end > start + ph[i].p_memsz) end = start + ph[i].p_memsz;
+    if (start < relro_end) start = relro_end;
+    populate(start, end);
+  }
+}
+
+/*
+ * Copies, now, the template's pages this child will probably write: every loaded
+ * object's data, the stack below here and the thread's TLS. Each would otherwise
+ * be copied on its first write, one page fault at a time, while the UDF serves its
+ * request; here they are copied before the UDF says it is ready, in one
+ * MADV_POPULATE_WRITE per range. Best effort: a range that fails stays lazy.
+ * Objects come from the loader's list (the executable's DT_DEBUG entry points at
+ * it), the executable's headers from the auxiliary vector after `envp`.
+ */
+static void prefault(char **envp) {
+  char **e = envp;
+  while (*e) e++;
+  const Elf64_Phdr *exe_ph = 0;
+  unsigned long exe_n = 0;
+  for (const unsigned long *av = (const unsigned long *)(e + 1); av[0] != AT_NULL; av += 2) {
+    if (av[0] == AT_PHDR) exe_ph = (const Elf64_Phdr *)av[1];
+    if (av[0] == AT_PHNUM) exe_n = av[1];
+  }
+  if (!exe_ph) return;
+  unsigned long bias = 0;
+  const Elf64_Dyn *dyn = 0;
+  for (unsigned long i = 0; i < exe_n; i++)
+    if (exe_ph[i].p_type == PT_PHDR) bias = (unsigned long)exe_ph - exe_ph[i].p_vaddr;
+  for (unsigned long i = 0; i < exe_n; i++)
+    if (exe_ph[i].p_type == PT_DYNAMIC) dyn = (const Elf64_Dyn *)(bias + exe_ph[i].p_vaddr);
+  populate_object(bias, exe_ph, exe_n);
+  const struct r_debug *debug = 0;
+  for (; dyn && dyn->d_tag != DT_NULL; dyn++)
+    if (dyn->d_tag == DT_DEBUG) debug = (const struct r_debug *)dyn->d_un.d_ptr;
+  if (debug) {
+    for (const struct link_map *m = debug->r_map; m; m = m->l_next) {
+      if (m->l_addr == 0 || m->l_addr == bias) continue; /* the executable */
+      const Elf64_Ehdr *eh = (const Elf64_Ehdr *)m->l_addr;
+      if (eh->e_ident[0] != 0x7f || eh->e_phentsize != sizeof(Elf64_Phdr)) continue;
+      populate_object(m->l_addr, (const Elf64_Phdr *)(m->l_addr + eh->e_phoff), eh->e_phnum);
+    }
+  }
+  unsigned long sp = (unsigned long)&e;
+  populate(sp - 16 * 1024, sp);
+  unsigned long tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  populate(tp - 2 * PAGE, tp + PAGE);
+}
+
 /* The child's side: descriptors, limits, capabilities, key, environment. */
 static void become_worker(int flags, const int *fds, char **envp) {
   int i = 0;
@@ -129,6 +202,7 @@ static void become_worker(int flags, const int *fds, char **envp) {
   if (sys(SYS_capset, (long)&header, (long)data, 0, 0, 0) < 0) exit_group(127);
   /* Last: the key leaves this process's memory (r9 was cleared after each call). */
   setup.key = 0;
+  prefault(envp);
   /* LD_PRELOAD goes: the UDF sees the environment an exec'd worker gets. */
   char **w = envp;
   for (char **r = envp; *r; r++)
