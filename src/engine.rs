@@ -422,7 +422,7 @@ impl Engine {
         if options.zygote {
             if self.config.mode != Mode::Minimal {
                 return Err(Error::InvalidArgument(format!(
-                    "zygote start is available in minimal mode only (this engine runs in {:?} mode); load {what} without it",
+                    "zygote start is available in minimal mode only (this engine runs in {:?} mode: its runsc does not let the runner reap the forked workers); load {what} without it",
                     self.config.mode
                 )));
             }

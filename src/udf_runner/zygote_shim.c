@@ -102,10 +102,17 @@ static int recv_exact(void *buf, size_t len) {
 #endif
 #define PAGE 4096UL
 
-static void populate(unsigned long start, unsigned long end) {
+/* 0, or -errno (-EINVAL: the kernel does not know MADV_POPULATE_WRITE, as gVisor). */
+static long populate(unsigned long start, unsigned long end) {
   start &= ~(PAGE - 1);
   end = (end + PAGE - 1) & ~(PAGE - 1);
-  if (end > start) sys(SYS_madvise, (long)start, (long)(end - start), MADV_POPULATE_WRITE, 0, 0);
+  if (end <= start) return 0;
+  return sys(SYS_madvise, (long)start, (long)(end - start), MADV_POPULATE_WRITE, 0, 0);
+}
+
+/* Whether the page at `addr` is mapped (madvise(MADV_NORMAL) fails with ENOMEM if not). */
+static int mapped(unsigned long addr) {
+  return sys(SYS_madvise, (long)(addr & ~(PAGE - 1)), (long)PAGE, MADV_NORMAL, 0, 0) == 0;
 }
 
 /* The writable, file-backed part of one object's segments (past its RELRO part,
@@ -128,12 +135,18 @@ static void populate_object(unsigned long base, const Elf64_Phdr *ph, unsigned l
  * object's data, the stack below here and the thread's TLS. Each would otherwise
  * be copied on its first write, one page fault at a time, while the UDF serves its
  * request; here they are copied before the UDF says it is ready, in one
- * MADV_POPULATE_WRITE per range. Best effort: a range that fails stays lazy.
- * Objects come from the loader's list (the executable's DT_DEBUG entry points at
- * it), the executable's headers from the auxiliary vector after `envp`.
+ * MADV_POPULATE_WRITE per range. Best effort: a range that fails stays lazy, and
+ * nothing more is tried where the kernel lacks MADV_POPULATE_WRITE (gVisor, where
+ * each syscall also costs far more). Objects come from the loader's list (the
+ * executable's DT_DEBUG entry points at it), the executable's headers from the
+ * auxiliary vector after `envp`; another object's ELF header is read at its load
+ * address only if that page is mapped (not so for a vDSO linked at a non-zero
+ * address), and the vDSO is skipped (it has nothing writable).
  */
 static void prefault(char **envp) {
   char **e = envp;
+  unsigned long sp = (unsigned long)&e;
+  if (populate(sp - 16 * 1024, sp) == -EINVAL) return;
   while (*e) e++;
   const Elf64_Phdr *exe_ph = 0;
   unsigned long exe_n = 0;
@@ -155,13 +168,14 @@ static void prefault(char **envp) {
   if (debug) {
     for (const struct link_map *m = debug->r_map; m; m = m->l_next) {
       if (m->l_addr == 0 || m->l_addr == bias) continue; /* the executable */
+      if (m->l_name && starts_with(m->l_name, "linux-vdso")) continue;
+      if ((m->l_addr & (PAGE - 1)) != 0 || !mapped(m->l_addr)) continue;
       const Elf64_Ehdr *eh = (const Elf64_Ehdr *)m->l_addr;
       if (eh->e_ident[0] != 0x7f || eh->e_phentsize != sizeof(Elf64_Phdr)) continue;
+      if (eh->e_phoff + (unsigned long)eh->e_phnum * sizeof(Elf64_Phdr) > PAGE) continue; /* only the page checked */
       populate_object(m->l_addr, (const Elf64_Phdr *)(m->l_addr + eh->e_phoff), eh->e_phnum);
     }
   }
-  unsigned long sp = (unsigned long)&e;
-  populate(sp - 16 * 1024, sp);
   unsigned long tp;
   __asm__("mov %%fs:0, %0" : "=r"(tp));
   populate(tp - 2 * PAGE, tp + PAGE);
