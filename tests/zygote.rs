@@ -164,3 +164,34 @@ fn delete_ends_the_template_and_its_workers() {
     poll_until(&|n| n == 0);
     assert_eq!(count(), 0, "template and workers are reaped after delete");
 }
+
+/// A template that dies is started again at the next spawn: executions go on.
+#[test]
+fn a_dead_template_is_replaced() {
+    let e = engine(Mode::Minimal);
+    let t = zygote(&e, "hello_world", 2);
+    assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
+    // Templates live in the runner's PID namespace, workers each in their own.
+    let runner_ns = std::fs::read_link(format!("/proc/{}/ns/pid", e.sandbox_pid())).unwrap();
+    let templates = || -> Vec<String> {
+        runner_threads(e.sandbox_pid(), 0, |p| {
+            let pid = p.trim_start_matches("/proc/").trim_end_matches("/status").to_string();
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+            (ns == runner_ns).then_some(pid)
+        })
+        .into_iter()
+        .flat_map(|(_, _, children)| children)
+        .collect()
+    };
+    let before = templates();
+    assert!(!before.is_empty(), "a template runs");
+    for pid in &before {
+        // SAFETY: signalling a process of this test's own sandbox.
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+    }
+    for i in 0..20 {
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "execution {i} after the templates died");
+    }
+    let after = templates();
+    assert!(!after.is_empty() && after.iter().all(|p| !before.contains(p)), "new templates: {before:?} -> {after:?}");
+}

@@ -7,7 +7,9 @@
 //! the runner's (already read-only), so there is no per-worker mount work, and the
 //! seccomp filters are the spawning thread's, inherited (no per-worker filter
 //! load): the syscalls here that workers must not make carry the gate's key
-//! (`crate::sandbox::gate`).
+//! (`crate::sandbox::gate`). Zygote templates (`super::zygote`) start here too,
+//! without the namespaces (see `SpawnPlan::template`); their workers are forked by
+//! the template, not spawned here.
 //!
 //! The child runs on a private stack with the parent suspended (vfork semantics), so
 //! it may only make raw syscalls: no allocation, no locks, no Rust std I/O.
