@@ -20,6 +20,11 @@
 //! 5. `4 without the user namespace`: what a per-worker user namespace costs
 //!    (needs CAP_SYS_ADMIN: root). Not a recipe the engine may use as is: see
 //!    BENCHMARKS.md, fifth session, for what replacing it would take.
+//! 6. `zygote`: zygote start (`LoadOptions::zygote`): each thread execs the UDF once
+//!    as a template with the engine's shim preloaded, and every spawn is a fork of
+//!    it in fresh user, PID and UTS namespaces with capabilities dropped
+//!    (`src/udf_runner/zygote_shim.c`). Needs `--binary` with a dynamically linked
+//!    glibc UDF.
 //!
 //! For each recipe: N spawns in one thread pinned to the first allowed core (µs per
 //! spawn, wall time, p50/p99), then N spawns in each of one thread per allowed core,
@@ -31,7 +36,8 @@
 //! running on the machine.
 //!
 //! `cargo run --release --example spawn_floor [-- --spawns N] [--recipe NAME] [--binary UDF]`
-//! (N per thread, default 4000; NAME one of fork, vfork, ns, worker, worker-no-userns).
+//! (N per thread, default 4000; NAME one of fork, vfork, ns, worker, worker-no-userns,
+//! zygote).
 //!
 //! `--binary UDF` runs a real UDF instead of the tiny binary, with its whole
 //! conversation and no engine: for each spawn a socketpair whose far end the child
@@ -146,6 +152,8 @@ mod floor {
             flags: libc::c_int,
             harden: bool,
         },
+        /// Fork of a pre-main template (`src/udf_runner/zygote.rs`).
+        Zygote,
     }
 
     #[derive(Clone, Copy)]
@@ -157,7 +165,7 @@ mod floor {
 
     const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWUTS;
 
-    const RECIPES: [Recipe; 5] = [
+    const RECIPES: [Recipe; 6] = [
         Recipe {
             name: "fork",
             label: "fork + exec",
@@ -194,6 +202,11 @@ mod floor {
                 flags: libc::CLONE_NEWPID | libc::CLONE_NEWUTS,
                 harden: true,
             },
+        },
+        Recipe {
+            name: "zygote",
+            label: "zygote: fork of a pre-main template",
+            kind: Kind::Zygote,
         },
     ];
 
@@ -326,6 +339,85 @@ mod floor {
         kind: Kind,
         exe: Exe,
         stack: Vec<u128>,
+        /// Recipe 6: the template's pid and our end of its control socket.
+        template: Option<(libc::pid_t, OwnedFd)>,
+    }
+
+    impl Drop for Spawner {
+        fn drop(&mut self) {
+            if let Some((pid, ctl)) = self.template.take() {
+                // End of file on its control socket: the template exits.
+                drop(ctl);
+                let _ = reap(pid);
+            }
+        }
+    }
+
+    /// The engine's zygote shim, written once to a file for `LD_PRELOAD`.
+    fn shim_path() -> Result<&'static std::path::Path, String> {
+        static PATH: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
+        PATH.get_or_init(|| {
+            let path = std::env::temp_dir().join(format!("roma-zygote-floor-{}.so", std::process::id()));
+            std::fs::write(&path, roma_byob::udf_runner::zygote::SHIM)
+                .map(|()| path.clone())
+                .map_err(|e| format!("write {}: {e}", path.display()))
+        })
+        .as_ref()
+        .map(|p| p.as_path())
+        .map_err(|e| e.clone())
+    }
+
+    /// Recipe 6: execs the UDF as a template (fd 3 its control socket, fd 4 a
+    /// placeholder, the shim preloaded) and sends it its set-up (no gate key, no
+    /// namespace beyond user/PID/UTS, no log limit).
+    fn start_template(exe: RawFd) -> Result<(libc::pid_t, OwnedFd), String> {
+        let preload = std::ffi::CString::new(format!("LD_PRELOAD={}", shim_path()?.display()))
+            .map_err(|_| "shim path has a NUL byte".to_string())?;
+        let (ctl, theirs) = roma_byob::ipc::fdpass::stream_pair().map_err(|e| format!("socketpair: {e}"))?;
+        let argv = [c"udf".as_ptr(), c"3".as_ptr(), std::ptr::null()];
+        let envp = [preload.as_ptr(), std::ptr::null()];
+        let theirs_fd = theirs.as_raw_fd();
+        // SAFETY: the child only makes raw syscalls on data prepared before the fork
+        // and leaves with _exit if exec fails.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if libc::dup2(theirs_fd, 3) < 0 || null < 0 || libc::dup2(null, 4) < 0 {
+                    libc::_exit(127)
+                }
+                libc::syscall(libc::SYS_execveat, exe, c"".as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
+                libc::_exit(127)
+            }
+        }
+        if pid < 0 {
+            return Err(format!("fork: {}", io::Error::last_os_error()));
+        }
+        drop(theirs);
+        let setup = [0u8; 24];
+        roma_byob::ipc::fdpass::send_with_fds(ctl.as_raw_fd(), &setup, &[]).map_err(|e| format!("template set-up: {e}"))?;
+        Ok((pid, ctl))
+    }
+
+    /// Recipe 6: one worker forked by the template on `channel`; its pid.
+    fn zygote_fork(ctl: &OwnedFd, channel: RawFd) -> Result<libc::pid_t, String> {
+        roma_byob::ipc::fdpass::send_with_fds(ctl.as_raw_fd(), &[0u8], &[channel])
+            .map_err(|e| format!("spawn order: {e}"))?;
+        let mut reply = [0u8; 4];
+        // SAFETY: reading into a local buffer from our own socket (a 4-byte reply
+        // arrives in one piece on a stream socket in practice; short reads fail).
+        let n = unsafe { libc::read(ctl.as_raw_fd(), reply.as_mut_ptr().cast(), 4) };
+        if n != 4 {
+            return Err(format!(
+                "the template did not answer (read {n}): is the UDF a dynamically linked glibc binary (--binary)?"
+            ));
+        }
+        let pid = i32::from_ne_bytes(reply);
+        if pid < 0 {
+            return Err(format!("template clone: {}", io::Error::from_raw_os_error(-pid)));
+        }
+        Ok(pid)
     }
 
     /// After the UDF exited: its ready byte and at least a one-byte answer frame
@@ -347,6 +439,7 @@ mod floor {
                 kind,
                 exe,
                 stack: vec![0u128; STACK_SIZE / 16],
+                template: None,
             }
         }
 
@@ -371,6 +464,16 @@ mod floor {
             };
             let envp = [std::ptr::null()];
             let pid = match self.kind {
+                Kind::Zygote => {
+                    if !self.exe.udf {
+                        return Err("needs --binary with a dynamically linked glibc UDF".into());
+                    }
+                    if self.template.is_none() {
+                        self.template = Some(start_template(self.exe.fd)?);
+                    }
+                    let (_, ctl) = self.template.as_ref().ok_or("no template")?;
+                    zygote_fork(ctl, child_fd)?
+                }
                 Kind::Fork => {
                     // SAFETY: the child only makes raw syscalls on data prepared before
                     // the fork (argv, envp, the fd) and leaves with _exit.
