@@ -699,7 +699,7 @@ impl ConnThread {
             let stale = self.binaries.get(&code_id).and_then(|b| b.template.as_ref()).is_some_and(|t| t.shm() != shm.is_some());
             if stale {
                 if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
-                    self.retire(t);
+                    self.retire(code_id, t);
                 }
             }
             if self.binaries.get(&code_id).is_some_and(|b| b.template.is_none()) {
@@ -717,7 +717,7 @@ impl ConnThread {
                     eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
                     restarted = true;
                     if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
-                        self.retire(t);
+                        self.retire(code_id, t);
                     }
                 }
                 Err(e) => return Err(e.to_string()),
@@ -756,11 +756,12 @@ impl ConnThread {
         Ok(t)
     }
 
-    /// Stops a template: it exits on its control socket's end of file; killed too,
-    /// in case it is stuck. The reaper collects it.
-    fn retire(&self, t: Zygote) {
+    /// Stops `code_id`'s template: it exits on its control socket's end of file;
+    /// killed too, in case it is stuck, unless the reaper has collected it already
+    /// (then its pid may be another process's by now).
+    fn retire(&self, code_id: u64, t: Zygote) {
         let tables = lock(&self.shared.tables);
-        if tables.pids.contains_key(&t.pid()) {
+        if tables.pids.get(&t.pid()).is_some_and(|w| w.template && w.conn == self.idx && w.code_id == code_id) {
             kill_worker(t.pid());
         }
     }
@@ -776,7 +777,7 @@ impl ConnThread {
                 if let Some(old) = self.binaries.insert(load.code_id, binary) {
                     self.spawner.forget_binary();
                     if let Some(t) = old.template {
-                        self.retire(t);
+                        self.retire(load.code_id, t);
                     }
                 }
             }
