@@ -43,6 +43,7 @@ fn traffic_report_and_plot() {
         .args(["traffic", "--mode", "minimal", "--workers", "4", "--qps", "200", "--num-queries", "200", "--no-progress"])
         .arg("--binary")
         .arg(roma_byob::samples::path("hello_world"))
+        .arg("--zygote")
         .arg("--output")
         .arg(&json)
         .arg("--plot")
@@ -71,6 +72,8 @@ fn traffic_report_and_plot() {
         assert!(v.get(key).is_some(), "key {key} missing from {v:#}");
     }
     assert_eq!(v["mode"], "minimal");
+    assert_eq!(v["zygote"], true, "{v:#}");
+    assert!(stdout.contains("zygote template"), "{stdout}");
     assert_eq!(v["failures"], 0, "{v:#}");
     assert_eq!(v["executions"], 200, "{v:#}");
     assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0, "{v:#}");

@@ -910,6 +910,7 @@ fn report_json(h: &Header, r: &StepResult, search: Option<&Search>, a: &TrafficA
         obj.insert("binary".into(), h.binary.display().to_string().into());
         obj.insert("workers".into(), h.workers.into());
         obj.insert("shared_memory".into(), h.shared_memory.map_or(serde_json::Value::Null, Into::into));
+        obj.insert("zygote".into(), a.zygote.into());
         obj.insert("connection_timeout_ms".into(), (a.connection_timeout.as_millis() as u64).into());
         obj.insert("timeout_ms".into(), (a.timeout.as_millis() as u64).into());
         if let Some(s) = search {
