@@ -41,6 +41,12 @@ fn a_panicking_engine_thread_fails_its_executions_and_the_others_keep_serving() 
         let e = engine_on(mode, 2);
         // One worker per shard, each kept busy by an execution that never answers.
         let hang = load(&e, "never_answer", 2);
+        // Both ready first: an execution that finds no ready worker may queue on
+        // either shard (seen in gVisor mode on a loaded machine).
+        let ready_by = std::time::Instant::now() + Duration::from_secs(30);
+        while e.idle_workers(&hang).unwrap() < 2 && std::time::Instant::now() < ready_by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let done = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let mut tokens = Vec::new();
