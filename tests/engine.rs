@@ -370,27 +370,7 @@ fn failing_udfs_fail_their_execution_and_the_engine_keeps_serving() {
     for mode in modes() {
         let e = engine(mode);
         let good = load(&e, "hello_world", 1);
-        for (name, needle) in [
-            // The worker is PID 1 of its namespace, so abort()'s SIGABRT is ignored and
-            // glibc ends it with a fault instead: any "killed by signal" is right.
-            ("abort_after_ready", "killed by signal"),
-            ("exit_nonzero", "status 3"),
-            ("garbage_frame", "malformed response frame"),
-            ("abort_before_ready", "before signalling readiness"),
-        ] {
-            let t = load(&e, name, 1);
-            for _ in 0..2 {
-                let err = e
-                    .execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts())
-                    .unwrap()
-                    .wait()
-                    .unwrap_err();
-                assert_eq!(err.code(), Code::Unavailable, "{name}: {err}");
-                assert!(err.message().contains(needle), "{name}: {err}");
-            }
-            assert_eq!(hello(&e, &good).unwrap(), "Hello, world!", "engine still serves after {name}");
-            e.delete(&t).unwrap();
-        }
+        check_failing_udfs(&e, &good, |name| load(&e, name, 1));
     }
 }
 

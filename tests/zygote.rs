@@ -91,22 +91,7 @@ fn zygote_workers_capture_logs_and_use_shared_memory() {
 fn failing_zygote_workers_fail_their_execution() {
     let e = engine(Mode::Minimal);
     let good = zygote(&e, "hello_world", 1);
-    for (name, needle) in [
-        ("abort_after_ready", "killed by signal"),
-        ("exit_nonzero", "status 3"),
-        ("garbage_frame", "malformed response frame"),
-        ("abort_before_ready", "before signalling readiness"),
-    ] {
-        let t = zygote(&e, name, 1);
-        for _ in 0..2 {
-            let err =
-                e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
-            assert_eq!(err.code(), Code::Unavailable, "{name}: {err}");
-            assert!(err.message().contains(needle), "{name}: {err}");
-        }
-        assert_eq!(hello(&e, &good).unwrap(), "Hello, world!", "engine still serves after {name}");
-        e.delete(&t).unwrap();
-    }
+    check_failing_udfs(&e, &good, |name| zygote(&e, name, 1));
 }
 
 #[test]

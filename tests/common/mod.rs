@@ -73,6 +73,36 @@ pub fn hello(engine: &Engine, token: &CodeToken) -> roma_byob::Result<String> {
         .map(|r| r.response.greeting)
 }
 
+/// Sample UDFs that fail their execution, each with a phrase its error must hold.
+/// The worker is PID 1 of its namespace, so abort()'s SIGABRT is ignored and glibc
+/// ends it with a fault instead: any "killed by signal" is right.
+pub const FAILING_UDFS: [(&str, &str); 4] = [
+    ("abort_after_ready", "killed by signal"),
+    ("exit_nonzero", "status 3"),
+    ("garbage_frame", "malformed response frame"),
+    ("abort_before_ready", "before signalling readiness"),
+];
+
+/// Each of [`FAILING_UDFS`], loaded by `load_one`, fails two executions with
+/// `Unavailable` and its phrase, and `good` still answers after each (the token is
+/// deleted after its turn).
+pub fn check_failing_udfs(e: &Engine, good: &CodeToken, load_one: impl Fn(&str) -> CodeToken) {
+    for (name, needle) in FAILING_UDFS {
+        let t = load_one(name);
+        for _ in 0..2 {
+            let err = e
+                .execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts())
+                .unwrap()
+                .wait()
+                .unwrap_err();
+            assert_eq!(err.code(), roma_byob::Code::Unavailable, "{name}: {err}");
+            assert!(err.message().contains(needle), "{name}: {err}");
+        }
+        assert_eq!(hello(e, good).unwrap(), "Hello, world!", "engine still serves after {name}");
+        e.delete(&t).unwrap();
+    }
+}
+
 pub fn probe(engine: &Engine, token: &CodeToken, what: &str, arg: &str) -> String {
     let req = ProbeRequest { probe: what.into(), arg: arg.into() };
     engine
