@@ -1,5 +1,6 @@
 //! Executions on a warm pool (Roma BYOB's execute benchmarks): hello world (dynamic
-//! and static) and the prime sieve, per worker count and mode.
+//! and static) and the prime sieve, per worker count and mode; hello world also with
+//! zygote start (`hello_world+zygote`, minimal mode: `LoadOptions::zygote`).
 //!
 //! - `execute_latency`: one execution at a time (submit, wait, repeat);
 //! - `execute_throughput`: a batch of executions in flight at once, reported as
@@ -16,7 +17,8 @@ use roma_byob::Mode;
 
 use common::{Latency, Warmup};
 
-const UDFS: [&str; 3] = ["hello_world", "hello_world_static", "prime_sieve"];
+/// (sample, zygote start)
+const UDFS: [(&str, bool); 4] = [("hello_world", false), ("hello_world", true), ("hello_world_static", false), ("prime_sieve", false)];
 const WORKERS: [usize; 4] = [1, 10, 50, 100];
 /// Primes below the sieve's default bound (100000).
 const PRIMES_BELOW_100K: usize = 9592;
@@ -34,16 +36,22 @@ fn bench_execute(c: &mut Criterion) {
     let req = SampleRequest::default();
     for mc in common::modes() {
         let Some(engine) = common::engine(mc.mode) else { continue };
-        for udf in UDFS {
+        for (udf, zygote) in UDFS {
+            if zygote && mc.mode != Mode::Minimal {
+                continue;
+            }
             let Some(path) = common::sample(udf) else { continue };
             for workers in WORKERS {
                 let cheap = udf == "hello_world" && workers == 10;
                 if !mc.full && !cheap {
                     continue;
                 }
-                let case = format!("{}/{udf}", mc.name());
+                let case = format!("{}/{udf}{}", mc.name(), if zygote { "+zygote" } else { "" });
                 let param = format!("{workers} workers");
-                let token = match common::load(&engine, &path, workers, None) {
+                let loaded = engine
+                    .load(&path, roma_byob::LoadOptions { workers, zygote, ..Default::default() })
+                    .map_err(|e| format!("load {} ({workers} workers): {e}", path.display()));
+                let token = match loaded {
                     Ok(t) => t,
                     Err(e) => {
                         eprintln!("SKIP {case}/{param}: {e}");
