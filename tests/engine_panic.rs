@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{hello, load, modes, opts};
+use common::{hello, load, modes, opts, wait_idle};
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{Code, Config, Engine, ExecutionToken, Mode};
 
@@ -43,10 +43,7 @@ fn a_panicking_engine_thread_fails_its_executions_and_the_others_keep_serving() 
         let hang = load(&e, "never_answer", 2);
         // Both ready first: an execution that finds no ready worker may queue on
         // either shard (seen in gVisor mode on a loaded machine).
-        let ready_by = std::time::Instant::now() + Duration::from_secs(30);
-        while e.idle_workers(&hang).unwrap() < 2 && std::time::Instant::now() < ready_by {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_idle(&e, &hang, 2);
         let done = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let mut tokens = Vec::new();

@@ -14,7 +14,11 @@ fn requests_larger_than_the_socket_buffer_are_finished_by_the_engine_thread() {
         let e = Engine::new(Config { mode, hand_over_max_bytes: 16 << 20, ..Default::default() }).unwrap();
         let t = load(&e, "payload_read", 2);
         for size in [1usize, 100 << 10, 4 << 20, 10 << 20] {
-            // Let the pool refill, so that a ready worker can be handed the request.
+            // Let the pool refill, so that a ready worker can be handed the request:
+            // both workers idle (slow in gVisor on a loaded machine), then 50 ms more
+            // (executing as soon as both counted as idle was not handed over, in
+            // three runs of three in gVisor mode here).
+            wait_idle(&e, &t, 2);
             std::thread::sleep(std::time::Duration::from_millis(50));
             let req = ReadPayloadRequest { payloads: vec![vec![3u8; size], vec![1u8; 7]] };
             let r = e.execute::<_, ReadPayloadResponse>(&t, &req, opts()).unwrap().wait().unwrap();
@@ -29,6 +33,7 @@ fn requests_above_the_limit_go_through_the_engine_thread() {
     let e = Engine::new(Config { hand_over_max_bytes: 1000, ..Default::default() }).unwrap();
     let t = load(&e, "payload_read", 2);
     for (size, handed) in [(10usize, true), (5000, false)] {
+        wait_idle(&e, &t, 2);
         std::thread::sleep(std::time::Duration::from_millis(50));
         let req = ReadPayloadRequest { payloads: vec![vec![3u8; size]] };
         let r = e.execute::<_, ReadPayloadResponse>(&t, &req, opts()).unwrap().wait().unwrap();

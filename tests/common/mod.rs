@@ -50,6 +50,16 @@ pub fn wait_live(e: &Engine, want: usize) -> usize {
     live
 }
 
+/// Polls `Engine::idle_workers` until `token` has at least `want` ready workers (at
+/// most 30 s): for tests that need a request to find a ready worker (in gVisor a
+/// worker takes tens of ms to start, more on a loaded machine).
+pub fn wait_idle(e: &Engine, token: &CodeToken, want: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while e.idle_workers(token).unwrap() < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn sample(name: &str) -> PathBuf {
     let p = roma_byob::samples::path(name);
     assert!(p.is_file(), "sample UDF {} was not built", p.display());
