@@ -194,7 +194,10 @@ impl Engine {
     }
 
     /// Workers of `token` that are ready and idle right now, over all engine threads
-    /// (a snapshot: callers and engine threads take them concurrently).
+    /// (a snapshot: callers and engine threads take them concurrently). With
+    /// `Config::lazy_readiness` this counts workers offered before their ready byte
+    /// arrived: a request that takes one of those waits for the byte on the engine
+    /// thread instead of being handed over.
     pub fn idle_workers(&self, token: &CodeToken) -> Result<usize> {
         let entry = self.token(token)?;
         Ok(entry.per_shard.iter().map(|s| s.idle.load(Ordering::Relaxed)).sum())

@@ -15,9 +15,10 @@ fn requests_larger_than_the_socket_buffer_are_finished_by_the_engine_thread() {
         let t = load(&e, "payload_read", 2);
         for size in [1usize, 100 << 10, 4 << 20, 10 << 20] {
             // Let the pool refill, so that a ready worker can be handed the request:
-            // both workers idle (slow in gVisor on a loaded machine), then 50 ms more
-            // (executing as soon as both counted as idle was not handed over, in
-            // three runs of three in gVisor mode here).
+            // both workers idle (slow in gVisor on a loaded machine), then 50 ms more:
+            // with `Config::lazy_readiness` a worker is offered, and counted idle,
+            // before its ready byte arrives, and a request that claims it then is
+            // queued for the engine thread, not handed over.
             wait_idle(&e, &t, 2);
             std::thread::sleep(std::time::Duration::from_millis(50));
             let req = ReadPayloadRequest { payloads: vec![vec![3u8; size], vec![1u8; 7]] };
