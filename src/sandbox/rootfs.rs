@@ -1,8 +1,9 @@
 //! `minimal` mode: the runner enters fresh user, mount, network, IPC and UTS
 //! namespaces and pivots once into a read-only tmpfs root that holds only the
-//! library mounts and the zygote shim (`crate::udf_runner::zygote::SHIM_PATH`). Workers share this root, so a worker costs no mount work at all
-//! (DESIGN §4: a mount namespace + pivot_root per worker costs more than the rest of
-//! the spawn path together).
+//! library mounts and the zygote shim (`crate::udf_runner::zygote::SHIM_PATH`).
+//! Workers share this root, so a worker costs no mount work at all (DESIGN §4: a
+//! mount namespace + pivot_root per worker costs more than the rest of the spawn
+//! path together).
 
 use std::ffi::CString;
 use std::io;

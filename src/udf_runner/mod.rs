@@ -684,9 +684,8 @@ impl ConnThread {
         self.made.clear();
     }
 
-    /// One worker of a zygote binary: forked by its template, which is started
-    /// first if it is not running (or was started for the other shared-memory
-    /// setting), and restarted once if it has gone.
+    /// One worker of a zygote binary: forked by its template, restarted once if it
+    /// has gone (a failed clone in a live template is just reported).
     fn zygote_spawn(
         &mut self,
         code_id: u64,
@@ -694,46 +693,45 @@ impl ConnThread {
         logs: Option<(RawFd, RawFd)>,
         shm: Option<RawFd>,
     ) -> Result<libc::pid_t, String> {
-        let mut restarted = false;
-        loop {
-            let stale = self.binaries.get(&code_id).and_then(|b| b.template.as_ref()).is_some_and(|t| t.shm() != shm.is_some());
-            if stale {
-                if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
-                    self.retire(code_id, t);
-                }
+        let forked = self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm);
+        use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+        match forked {
+            Err(e) if matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof) => {
+                eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
+                self.drop_template(code_id);
+                self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm).map_err(|e| e.to_string())
             }
-            if self.binaries.get(&code_id).is_some_and(|b| b.template.is_none()) {
-                let t = self.start_template(code_id, shm.is_some())?;
-                if let Some(b) = self.binaries.get_mut(&code_id) {
-                    b.template = Some(t);
-                }
-            }
-            let Some(t) = self.binaries.get(&code_id).and_then(|b| b.template.as_ref()) else {
-                return Err(format!("unknown code id {code_id}"));
-            };
-            match t.fork(channel, logs, shm) {
-                Ok(pid) => return Ok(pid),
-                Err(e) if !restarted => {
-                    eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
-                    restarted = true;
-                    if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
-                        self.retire(code_id, t);
-                    }
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+            other => other.map_err(|e| e.to_string()),
         }
     }
 
-    /// Execs a template of `code_id` and registers it for the reaper.
+    /// `code_id`'s running template, started first if there is none (or the one
+    /// there was started for the other shared-memory setting).
+    fn template_for(&mut self, code_id: u64, shm: bool) -> Result<&Zygote, String> {
+        let bin = self.binaries.get(&code_id).ok_or_else(|| format!("unknown code id {code_id}"))?;
+        if bin.template.as_ref().is_some_and(|t| t.shm() != shm) {
+            self.drop_template(code_id);
+        }
+        if self.binaries.get(&code_id).is_some_and(|b| b.template.is_none()) {
+            let t = self.start_template(code_id, shm)?;
+            if let Some(b) = self.binaries.get_mut(&code_id) {
+                b.template = Some(t);
+            }
+        }
+        self.binaries.get(&code_id).and_then(|b| b.template.as_ref()).ok_or_else(|| format!("unknown code id {code_id}"))
+    }
+
+    fn drop_template(&mut self, code_id: u64) {
+        if let Some(t) = self.binaries.get_mut(&code_id).and_then(|b| b.template.take()) {
+            self.retire(code_id, t);
+        }
+    }
+
+    /// Execs a template of `code_id`, registers it for the reaper, then sends it
+    /// its set-up.
     fn start_template(&mut self, code_id: u64, shm: bool) -> Result<Zygote, String> {
         let bin = self.binaries.get(&code_id).ok_or_else(|| format!("unknown code id {code_id}"))?;
         let settings = &self.settings;
-        let setup = zygote::Setup {
-            key: gate::key(),
-            clone_flags: settings.extra_clone_flags as u64,
-            log_fsize: settings.rlimit_fsize.rlim_cur,
-        };
         let tables = &self.shared.tables;
         let t = Zygote::start(
             &mut self.spawner,
@@ -741,18 +739,28 @@ impl ConnThread {
             settings.devnull.as_raw_fd(),
             settings.rlimit_as,
             shm,
-            &setup,
             |pid| {
                 lock(tables).early.remove(&pid);
             },
         )
         .map_err(|e| format!("zygote template: {e}"))?;
-        let mut tables = lock(&self.shared.tables);
-        if let Some(status) = tables.early.remove(&t.pid()) {
-            return Err(format!("the zygote template exited at once (wait status {status:#x})"));
+        {
+            let mut tables = lock(&self.shared.tables);
+            if let Some(status) = tables.early.remove(&t.pid()) {
+                return Err(format!("the zygote template exited at once (wait status {status:#x})"));
+            }
+            let template = Worker { conn: self.idx, worker_id: 0, code_id, awaited: false, host_end: None, template: true };
+            tables.pids.insert(t.pid(), template);
         }
-        let template = Worker { conn: self.idx, worker_id: 0, code_id, awaited: false, host_end: None, template: true };
-        tables.pids.insert(t.pid(), template);
+        let setup = zygote::Setup {
+            key: gate::key(),
+            clone_flags: settings.extra_clone_flags as u64,
+            log_fsize: settings.rlimit_fsize.rlim_cur,
+        };
+        if let Err(e) = t.send_setup(&setup) {
+            self.retire(code_id, t);
+            return Err(e.to_string());
+        }
         Ok(t)
     }
 

@@ -54,7 +54,7 @@ pub const SHIM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/zygote_shim.so
 /// read-only).
 pub const SHIM_PATH: &str = "/roma-zygote.so";
 
-/// `LD_PRELOAD` for templates.
+/// `LD_PRELOAD` for templates (`SHIM_PATH`; a test checks that they agree).
 pub const PRELOAD_ENV: &std::ffi::CStr = c"LD_PRELOAD=/roma-zygote.so";
 
 const FLAG_LOG: u8 = 1;
@@ -81,13 +81,13 @@ pub struct Zygote {
 impl Zygote {
     /// Execs `binary` as a template through `spawner` (its children get the shared
     /// memory argument when `shm`). `reaped_elsewhere` as in [`Spawner::spawn`].
+    /// The template waits for [`Zygote::send_setup`] before anything else.
     pub fn start(
         spawner: &mut Spawner,
         binary: RawFd,
         devnull: RawFd,
         rlimit_as: Option<libc::rlimit>,
         shm: bool,
-        setup: &Setup,
         reaped_elsewhere: impl FnOnce(libc::pid_t),
     ) -> io::Result<Zygote> {
         let (ctl, theirs) = super::make_channel()?;
@@ -104,15 +104,17 @@ impl Zygote {
             template: Some(Template { shm_arg: shm }),
         };
         let pid = spawner.spawn(&plan, reaped_elsewhere)?;
-        drop(theirs);
+        Ok(Zygote { pid, ctl, shm })
+    }
+
+    /// Sends the template its set-up (once, first).
+    pub fn send_setup(&self, setup: &Setup) -> io::Result<()> {
         let mut bytes = [0u8; 24];
         bytes[..8].copy_from_slice(&setup.key.to_ne_bytes());
         bytes[8..16].copy_from_slice(&setup.clone_flags.to_ne_bytes());
         bytes[16..].copy_from_slice(&setup.log_fsize.to_ne_bytes());
-        let zygote = Zygote { pid, ctl, shm };
-        fdpass::send_with_fds(zygote.ctl.as_raw_fd(), &bytes, &[])
-            .map_err(|e| io::Error::new(e.kind(), format!("zygote set-up: {e}")))?;
-        Ok(zygote)
+        fdpass::send_with_fds(self.ctl.as_raw_fd(), &bytes, &[])
+            .map_err(|e| io::Error::new(e.kind(), format!("zygote set-up: {e}")))
     }
 
     pub fn pid(&self) -> libc::pid_t {
@@ -127,17 +129,17 @@ impl Zygote {
     /// stderr, and `shm` at fd 4); returns the worker's pid (in the runner's PID
     /// namespace: the template lives in it).
     pub fn fork(&self, channel: RawFd, logs: Option<(RawFd, RawFd)>, shm: Option<RawFd>) -> io::Result<libc::pid_t> {
-        let mut fds = vec![channel];
-        let mut flags = 0;
+        let mut fds = [channel; 4];
+        let (mut n, mut flags) = (1, 0);
         if let Some((out, err)) = logs {
-            fds.extend([out, err]);
-            flags |= FLAG_LOG;
+            fds[1..3].copy_from_slice(&[out, err]);
+            (n, flags) = (3, flags | FLAG_LOG);
         }
         if let Some(shm) = shm {
-            fds.push(shm);
-            flags |= FLAG_SHM;
+            fds[n] = shm;
+            (n, flags) = (n + 1, flags | FLAG_SHM);
         }
-        fdpass::send_with_fds(self.ctl.as_raw_fd(), &[flags], &fds)
+        fdpass::send_with_fds(self.ctl.as_raw_fd(), &[flags], &fds[..n])
             .map_err(|e| io::Error::new(e.kind(), format!("zygote spawn order: {e}")))?;
         let mut reply = [0u8; 4];
         let mut got = 0;
@@ -162,5 +164,15 @@ impl Zygote {
             return Err(io::Error::new(e.kind(), format!("zygote clone: {e}")));
         }
         Ok(pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preload_names_the_shim_path() {
+        assert_eq!(PRELOAD_ENV.to_str().unwrap(), format!("LD_PRELOAD={SHIM_PATH}"));
     }
 }
