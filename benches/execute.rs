@@ -48,10 +48,8 @@ fn bench_execute(c: &mut Criterion) {
                 }
                 let case = format!("{}/{udf}{}", mc.name(), if zygote { "+zygote" } else { "" });
                 let param = format!("{workers} workers");
-                let loaded = engine
-                    .load(&path, roma_byob::LoadOptions { workers, zygote, ..Default::default() })
-                    .map_err(|e| format!("load {} ({workers} workers): {e}", path.display()));
-                let token = match loaded {
+                let options = roma_byob::LoadOptions { workers, zygote, ..Default::default() };
+                let token = match common::load_with(&engine, &path, options) {
                     Ok(t) => t,
                     Err(e) => {
                         eprintln!("SKIP {case}/{param}: {e}");

@@ -110,9 +110,12 @@ pub fn opts() -> ExecuteOptions {
 }
 
 pub fn load(engine: &Engine, path: &PathBuf, workers: usize, shared_memory: Option<usize>) -> Result<CodeToken, String> {
-    engine
-        .load(path, LoadOptions { workers, shared_memory, ..Default::default() })
-        .map_err(|e| format!("load {} ({workers} workers): {e}", path.display()))
+    load_with(engine, path, LoadOptions { workers, shared_memory, ..Default::default() })
+}
+
+pub fn load_with(engine: &Engine, path: &PathBuf, options: LoadOptions) -> Result<CodeToken, String> {
+    let workers = options.workers;
+    engine.load(path, options).map_err(|e| format!("load {} ({workers} workers): {e}", path.display()))
 }
 
 /// Time for a freshly loaded (or drained) pool of `workers` to be ready again.

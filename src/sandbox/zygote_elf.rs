@@ -35,6 +35,7 @@ const PT_INTERP: u32 = 3;
 const DT_NULL: u64 = 0;
 const DT_PLTRELSZ: u64 = 2;
 const DT_HASH: u64 = 4;
+const DT_STRTAB: u64 = 5;
 const DT_SYMTAB: u64 = 6;
 const DT_RELA: u64 = 7;
 const DT_RELASZ: u64 = 8;
@@ -206,7 +207,7 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
     // Every symbol a library could look up: only copied data and `_IO_stdin_used`.
     let Some(symtab) = symtab else { return Ok(()) };
     let count = symbol_count(&elf, &tags)?;
-    let strtab = match tags.get(&5) {
+    let strtab = match tags.get(&DT_STRTAB) {
         Some(&addr) => Some(elf.offset(addr)?),
         None => None,
     };
