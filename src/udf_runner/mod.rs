@@ -995,6 +995,11 @@ impl ConnThread {
                 drop(channel);
                 drop(logs);
                 drop(shm);
+                // Exits a reaping template reported during the fork: of workers
+                // registered before, reported ahead of this fork in the template's
+                // stream. Passed on before the new pid is registered, in case it is
+                // a recycled one.
+                self.flush_template_exits();
                 match result {
                     Ok(pid) => {
                         let early = {
@@ -1033,9 +1038,6 @@ impl ConnThread {
                         }
                     }
                 }
-                // After the new worker's registration: a template reports a worker's
-                // exit only after its fork.
-                self.flush_template_exits();
             }
         }
         Ok(())
