@@ -1,6 +1,6 @@
 //! Executions on a warm pool (Roma BYOB's execute benchmarks): hello world (dynamic
 //! and static) and the prime sieve, per worker count and mode; hello world also with
-//! zygote start (`hello_world+zygote`, `LoadOptions::zygote`).
+//! zygote start (`hello_world+zygote`, minimal mode: `LoadOptions::zygote`).
 //!
 //! - `execute_latency`: one execution at a time (submit, wait, repeat);
 //! - `execute_throughput`: a batch of executions in flight at once, reported as
@@ -37,6 +37,9 @@ fn bench_execute(c: &mut Criterion) {
     for mc in common::modes() {
         let Some(engine) = common::engine(mc.mode) else { continue };
         for (udf, zygote) in UDFS {
+            if zygote && mc.mode != Mode::Minimal {
+                continue;
+            }
             let Some(path) = common::sample(udf) else { continue };
             for workers in WORKERS {
                 let cheap = udf == "hello_world" && workers == 10;

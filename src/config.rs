@@ -269,7 +269,7 @@ pub struct LoadOptions {
     /// Let the UDF call registered host functions during its executions (see
     /// `Engine::register_host_function`). Off: a host call gets an error reply.
     pub host_api: bool,
-    /// Zygote start (every mode): the runner execs the binary once as a
+    /// Zygote start (`minimal` mode): the runner execs the binary once as a
     /// template, stopped before the binary's own constructors and `main`, and forks
     /// every worker from it, so workers skip the dynamic loader and the C
     /// library's start-up (BENCHMARKS.md, "Zygote start"). Each execution still
@@ -282,9 +282,6 @@ pub struct LoadOptions {
     /// key. Only dynamically linked glibc binaries that run no code of their own
     /// before `main` qualify (no preinit array, no IFUNC resolver, no exported
     /// function a library could call); `load` says which rule a binary breaks.
-    /// In gVisor the template reaps its workers and reports their exits (this
-    /// runsc ignores `CLONE_PARENT`), and, as for every gVisor worker, the
-    /// sandbox's own isolation comes first (README, "Zygote start").
     pub zygote: bool,
 }
 

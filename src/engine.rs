@@ -423,6 +423,12 @@ impl Engine {
             }
         }
         if options.zygote {
+            if self.config.mode != Mode::Minimal {
+                return Err(Error::InvalidArgument(format!(
+                    "zygote start is available in minimal mode only (this engine runs in {:?} mode: its runsc does not let the runner reap the forked workers); load {what} without it",
+                    self.config.mode
+                )));
+            }
             crate::sandbox::zygote_elf::check(bytes)
                 .map_err(|why| Error::InvalidArgument(format!("{what} cannot be started from a zygote: {why}")))?;
         }

@@ -40,8 +40,6 @@ fn filesystem_is_read_only_and_holds_only_the_library_mounts() {
             let edit = probe(&e, &t, "edit_file", "/etc/ld.so.cache");
             assert!(edit == "EROFS" || edit == "EACCES", "edit: {edit}");
         }
-        let shim = probe(&e, &t, "edit_file", "/roma-zygote.so");
-        assert!(shim == "EROFS" || shim == "EACCES", "{mode:?}: the zygote shim is read-only: {shim}");
         let etc = if cache { "etc," } else { "" };
         match mode {
             Mode::Minimal => {
@@ -52,12 +50,11 @@ fn filesystem_is_read_only_and_holds_only_the_library_mounts() {
                 }
             }
             Mode::Gvisor | Mode::GvisorDebug => {
-                // The container root: libraries, the runner binary, the zygote shim,
-                // gVisor's read-only /dev nodes, and empty read-only /proc, /sys and
-                // /tmp.
+                // The container root: libraries, the runner binary, gVisor's read-only
+                // /dev nodes, and empty read-only /proc, /sys and /tmp.
                 assert_eq!(
                     probe(&e, &t, "list_dir", "/"),
-                    format!("dev,{etc}lib,lib64,proc,roma-byob-runner,roma-zygote.so,sys,tmp,usr")
+                    format!("dev,{etc}lib,lib64,proc,roma-byob-runner,sys,tmp,usr")
                 );
                 for empty in ["/proc", "/sys", "/tmp", "/dev/shm"] {
                     assert_eq!(probe(&e, &t, "list_dir", empty), "", "{empty} must be empty");

@@ -1,8 +1,7 @@
-//! Zygote start (`LoadOptions::zygote`), in every mode: workers forked from a
+//! Zygote start (`LoadOptions::zygote`, minimal mode): workers forked from a
 //! pre-main template keep every isolation promise of exec'd workers, the engine's
-//! features work on them, their exits are reported (in gVisor the template reaps
-//! them), and binaries that would run their own code in the template are refused
-//! with the reason.
+//! features work on them, and binaries that would run their own code in the
+//! template are refused with the reason.
 
 mod common;
 
@@ -20,108 +19,79 @@ fn zygote_with(e: &Engine, name: &str, options: LoadOptions) -> CodeToken {
 
 #[test]
 fn zygote_workers_answer_every_execution() {
-    for mode in modes() {
-        let e = engine(mode);
-        let t = zygote(&e, "hello_world", 4);
-        let sequential = if mode == Mode::Minimal { 200 } else { 40 };
-        for i in 0..sequential {
-            assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{mode:?}: execution {i}");
-        }
-        // Concurrently too.
-        let pending: Vec<_> =
-            (0..64).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap()).collect();
-        for p in pending {
-            assert_eq!(p.wait().unwrap().response.greeting, "Hello, world!", "{mode:?}");
-        }
-        // Every used worker's exit was reported (the engine frees a worker's
-        // record only then): the pool is back to its size. In gVisor the
-        // template reaps its workers and reports them.
-        assert_eq!(wait_live(&e, 4), 4, "{mode:?}: live workers after the executions");
+    let e = engine(Mode::Minimal);
+    let t = zygote(&e, "hello_world", 4);
+    for i in 0..200 {
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "execution {i}");
+    }
+    // Concurrently too.
+    let pending: Vec<_> =
+        (0..64).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap()).collect();
+    for p in pending {
+        assert_eq!(p.wait().unwrap().response.greeting, "Hello, world!");
     }
 }
 
 #[test]
 fn zygote_workers_keep_the_isolation_promises() {
-    for mode in modes() {
-        for filter in [SyscallFilter::Untrusted, SyscallFilter::No] {
-            let e = engine_with(mode, filter);
-            let t = zygote(&e, "probe", 2);
-            let exec = load(&e, "probe", 1);
-            let what = format!("{mode:?}, {filter:?}");
-            assert_eq!(probe(&e, &t, "capabilities", ""), "eff=0 prm=0 inh=0", "{what}");
-            assert_eq!(probe(&e, &t, "kill_parent", ""), probe(&e, &exec, "kill_parent", ""), "{what}");
-            if mode == Mode::Minimal {
-                assert_eq!(probe(&e, &t, "kill_parent", ""), "ESRCH", "{what}: alone in its PID namespace");
-            }
-            assert_eq!(probe(&e, &t, "uid", ""), probe(&e, &exec, "uid", ""), "{what}");
-            assert_eq!(probe(&e, &t, "open_fds", ""), probe(&e, &exec, "open_fds", ""), "{what}: nothing of the template's");
-            if mode == Mode::Minimal {
-                assert_eq!(probe(&e, &t, "open_fds", ""), "0,1,2,3", "{what}");
-            }
-            // The environment and arguments an exec'd worker gets: no LD_PRELOAD.
-            assert!(!probe(&e, &t, "environ", "").contains("LD_PRELOAD"), "{what}");
-            assert_eq!(probe(&e, &t, "environ", ""), probe(&e, &exec, "environ", ""), "{what}");
-            assert_eq!(probe(&e, &t, "argv", ""), probe(&e, &exec, "argv", ""), "{what}");
-            let create = probe(&e, &t, "create_file", "/udf-was-here");
-            assert_ne!(create, "ok", "{what}: the root is read-only");
-            assert_eq!(create, probe(&e, &exec, "create_file", "/udf-was-here"), "{what}");
-            assert_eq!(probe(&e, &t, "unshare_user", ""), probe(&e, &exec, "unshare_user", ""), "{what}");
-            assert_eq!(probe(&e, &t, "fork", ""), probe(&e, &exec, "fork", ""), "{what}");
-            if filter == SyscallFilter::Untrusted {
-                // The template may clone (with the gate's key); its children may not.
-                assert_eq!(probe(&e, &t, "fork", ""), "EPERM", "{what}");
-            }
-            // Nothing passes between executions: each child starts from the pristine
-            // template, whatever the previous one wrote.
-            for i in 0..6 {
-                assert_eq!(probe(&e, &t, "memory_residue", ""), "clean", "{what}, execution {i}");
-            }
-            assert_eq!(probe(&e, &t, "msgq_put", ""), probe(&e, &exec, "msgq_put", ""), "{what}");
-            assert_eq!(probe(&e, &t, "msgq_put", ""), if filter == SyscallFilter::No { "ok" } else { "EPERM" }, "{what}");
-            if filter == SyscallFilter::No {
-                assert_eq!(probe(&e, &t, "msgq_get", ""), "ENOENT", "{what}: a worker's IPC namespace is its own");
-            }
+    for filter in [SyscallFilter::Untrusted, SyscallFilter::No] {
+        let e = engine_with(Mode::Minimal, filter);
+        let t = zygote(&e, "probe", 2);
+        let exec = load(&e, "probe", 1);
+        assert_eq!(probe(&e, &t, "capabilities", ""), "eff=0 prm=0 inh=0", "{filter:?}");
+        assert_eq!(probe(&e, &t, "kill_parent", ""), "ESRCH", "{filter:?}: alone in its PID namespace");
+        assert_eq!(probe(&e, &t, "uid", ""), probe(&e, &exec, "uid", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "open_fds", ""), "0,1,2,3", "{filter:?}: nothing of the template's");
+        // The environment and arguments an exec'd worker gets: no LD_PRELOAD.
+        assert_eq!(probe(&e, &t, "environ", ""), "", "{filter:?}");
+        assert_eq!(probe(&e, &t, "environ", ""), probe(&e, &exec, "environ", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "argv", ""), probe(&e, &exec, "argv", ""), "{filter:?}");
+        let create = probe(&e, &t, "create_file", "/udf-was-here");
+        assert_ne!(create, "ok", "{filter:?}: the root is read-only");
+        assert_eq!(create, probe(&e, &exec, "create_file", "/udf-was-here"), "{filter:?}");
+        assert_eq!(probe(&e, &t, "unshare_user", ""), probe(&e, &exec, "unshare_user", ""), "{filter:?}");
+        assert_eq!(probe(&e, &t, "fork", ""), probe(&e, &exec, "fork", ""), "{filter:?}");
+        if filter == SyscallFilter::Untrusted {
+            // The template may clone (with the gate's key); its children may not.
+            assert_eq!(probe(&e, &t, "fork", ""), "EPERM");
+        }
+        // Nothing passes between executions: each child starts from the pristine
+        // template, whatever the previous one wrote.
+        for i in 0..6 {
+            assert_eq!(probe(&e, &t, "memory_residue", ""), "clean", "{filter:?}, execution {i}");
+        }
+        assert_eq!(probe(&e, &t, "msgq_put", ""), if filter == SyscallFilter::No { "ok" } else { "EPERM" });
+        if filter == SyscallFilter::No {
+            assert_eq!(probe(&e, &t, "msgq_get", ""), "ENOENT", "a worker's IPC namespace is its own");
         }
     }
 }
 
 #[test]
 fn zygote_workers_capture_logs_and_use_shared_memory() {
-    for mode in modes() {
-        let e = engine(mode);
-        let t = zygote_with(&e, "log_udf", LoadOptions { workers: 1, log_egress: true, ..Default::default() });
-        for _ in 0..3 {
-            let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
-            let logs = r.logs.unwrap();
-            assert_eq!(String::from_utf8_lossy(&logs.stdout), "I am a stdout log.\n", "{mode:?}");
-            assert_eq!(String::from_utf8_lossy(&logs.stderr), "I am a stderr log.\n", "{mode:?}");
-        }
-        let exec = load(&e, "probe", 1);
-        let logged = e.load_for_logging(&zygote(&e, "probe", 1), 1).unwrap();
-        let exec_logged = e.load_for_logging(&exec, 1).unwrap();
-        assert_eq!(probe(&e, &logged, "open_fds", ""), probe(&e, &exec_logged, "open_fds", ""), "{mode:?}");
-        let options = LoadOptions { workers: 2, shared_memory: Some(1 << 16), ..Default::default() };
-        let shm = zygote_with(&e, "probe", options.clone());
-        let exec_shm = e.load(sample("probe"), options).unwrap();
-        for _ in 0..3 {
-            assert_eq!(probe(&e, &shm, "open_fds", ""), probe(&e, &exec_shm, "open_fds", ""), "{mode:?}");
-            assert!(probe(&e, &shm, "shm_residue", "").starts_with("clean"), "{mode:?}");
-            assert!(probe(&e, &shm, "shm_fill", "").starts_with("filled"), "{mode:?}");
-        }
-        if mode == Mode::Minimal {
-            assert_eq!(probe(&e, &logged, "open_fds", ""), "0,1,2,3");
-            assert_eq!(probe(&e, &shm, "open_fds", ""), "0,1,2,3,4");
-        }
+    let e = engine(Mode::Minimal);
+    let t = zygote_with(&e, "log_udf", LoadOptions { workers: 1, log_egress: true, ..Default::default() });
+    for _ in 0..3 {
+        let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap();
+        let logs = r.logs.unwrap();
+        assert_eq!(String::from_utf8_lossy(&logs.stdout), "I am a stdout log.\n");
+        assert_eq!(String::from_utf8_lossy(&logs.stderr), "I am a stderr log.\n");
+    }
+    let logged = e.load_for_logging(&zygote(&e, "probe", 1), 1).unwrap();
+    assert_eq!(probe(&e, &logged, "open_fds", ""), "0,1,2,3");
+    let shm = zygote_with(&e, "probe", LoadOptions { workers: 2, shared_memory: Some(1 << 16), ..Default::default() });
+    for _ in 0..3 {
+        assert_eq!(probe(&e, &shm, "open_fds", ""), "0,1,2,3,4");
+        assert!(probe(&e, &shm, "shm_residue", "").starts_with("clean"));
+        assert!(probe(&e, &shm, "shm_fill", "").starts_with("filled"));
     }
 }
 
 #[test]
 fn failing_zygote_workers_fail_their_execution() {
-    for mode in modes() {
-        let e = engine(mode);
-        let good = zygote(&e, "hello_world", 1);
-        check_failing_udfs(&e, &good, |name| zygote(&e, name, 1));
-    }
+    let e = engine(Mode::Minimal);
+    let good = zygote(&e, "hello_world", 1);
+    check_failing_udfs(&e, &good, |name| zygote(&e, name, 1));
 }
 
 #[test]
@@ -141,6 +111,17 @@ fn unfit_binaries_are_refused_with_the_reason() {
         let t = load(&e, name, 1);
         assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{name} without zygote start");
     }
+}
+
+#[test]
+fn zygote_start_is_minimal_mode_only() {
+    if !modes().contains(&Mode::Gvisor) {
+        return;
+    }
+    let e = engine(Mode::Gvisor);
+    let err = e.load(sample("hello_world"), LoadOptions { zygote: true, ..Default::default() }).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("minimal mode only"), "{err}");
 }
 
 /// Deleting a zygote token ends its template and workers: no process of it stays.
@@ -167,26 +148,6 @@ fn delete_ends_the_template_and_its_workers() {
     e.delete(&t).unwrap();
     poll_until(&|n| n == 0);
     assert_eq!(count(), 0, "template and workers are reaped after delete");
-}
-
-/// In gVisor the template reaps its workers: after a delete, every worker's exit
-/// (killed idle ones, and any the template had reaped) has been reported; a load
-/// of the same binary after it works.
-#[test]
-fn delete_reports_every_worker_of_a_reaping_template() {
-    if !modes().contains(&Mode::Gvisor) {
-        return;
-    }
-    let e = engine(Mode::Gvisor);
-    let t = zygote(&e, "hello_world", 3);
-    for i in 0..6 {
-        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "execution {i}");
-    }
-    assert_eq!(wait_live(&e, 3), 3, "the pool refilled, the used workers reported");
-    e.delete(&t).unwrap();
-    assert_eq!(wait_live(&e, 0), 0, "every worker's exit is reported after delete");
-    let again = zygote(&e, "hello_world", 2);
-    assert_eq!(hello(&e, &again).unwrap(), "Hello, world!");
 }
 
 /// A template that dies is started again at the next spawn: executions go on.

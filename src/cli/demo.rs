@@ -39,7 +39,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 500)]
     collect_us: u64,
     /// Zygote start: fork workers from a pre-main template of the binary
-    /// (dynamically linked glibc UDFs; see LoadOptions::zygote).
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
     #[arg(long)]
     zygote: bool,
 }

@@ -24,7 +24,7 @@ pub struct ExecArgs {
     #[arg(long)]
     log: bool,
     /// Zygote start: fork workers from a pre-main template of the binary
-    /// (dynamically linked glibc UDFs; see LoadOptions::zygote).
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
     #[arg(long)]
     zygote: bool,
     /// .proto file describing the request and response (enables JSON).

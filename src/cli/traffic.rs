@@ -108,7 +108,7 @@ pub struct TrafficArgs {
     #[arg(long)]
     no_realtime: bool,
     /// Zygote start: fork workers from a pre-main template of the binary
-    /// (dynamically linked glibc UDFs; see LoadOptions::zygote).
+    /// (minimal mode; dynamically linked glibc UDFs; see LoadOptions::zygote).
     #[arg(long)]
     zygote: bool,
 }

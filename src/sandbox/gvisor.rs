@@ -100,10 +100,7 @@ impl GvisorState {
             tracing::info!(dir = %logs.display(), "gvisor-debug: runsc --debug --strace logs are written here and kept after shutdown");
             self.debug_logs = Some(logs);
         }
-        // The zygote shim (`crate::udf_runner::zygote`), bind-mounted read-only.
-        let shim = self.dir.join("roma-zygote.so");
-        std::fs::write(&shim, crate::udf_runner::zygote::SHIM).map_err(|e| Error::io("write the zygote shim", e))?;
-        let spec = bundle_spec(config, runner, &shim, runner_args)?;
+        let spec = bundle_spec(config, runner, runner_args)?;
         let text = serde_json::to_vec_pretty(&spec).map_err(|e| Error::Internal(format!("OCI spec: {e}")))?;
         std::fs::write(self.dir.join("bundle/config.json"), text).map_err(|e| Error::io("write config.json", e))
     }
@@ -186,7 +183,7 @@ fn make_private_dir(prefix: &str) -> Result<PathBuf> {
     Err(Error::Internal("cannot create a private state directory".into()))
 }
 
-fn bundle_spec(config: &Config, runner: &Path, shim: &Path, runner_args: &[String]) -> Result<serde_json::Value> {
+fn bundle_spec(config: &Config, runner: &Path, runner_args: &[String]) -> Result<serde_json::Value> {
     let runner = std::fs::canonicalize(runner).map_err(|e| Error::io("canonicalize runner path", e))?;
     let mut args = vec![RUNNER_IN_SANDBOX.to_string()];
     args.extend(runner_args.iter().cloned());
@@ -202,7 +199,6 @@ fn bundle_spec(config: &Config, runner: &Path, shim: &Path, runner_args: &[Strin
         json!({"destination": "/proc", "type": "tmpfs", "source": "tmpfs", "options": ["ro", "nosuid", "nodev", "noexec", "size=4k"]}),
         json!({"destination": "/sys", "type": "tmpfs", "source": "tmpfs", "options": ["ro", "nosuid", "nodev", "noexec", "size=4k"]}),
         json!({"destination": RUNNER_IN_SANDBOX, "type": "bind", "source": runner, "options": ["bind", "ro"]}),
-        json!({"destination": crate::udf_runner::zygote::SHIM_PATH, "type": "bind", "source": shim, "options": ["bind", "ro"]}),
     ];
     for lib in &config.lib_mounts {
         match std::fs::canonicalize(lib) {

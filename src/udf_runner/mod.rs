@@ -151,25 +151,6 @@ struct Tables {
     awaited: usize,
 }
 
-impl Tables {
-    /// Forgets exited `pid`: its exit report goes onto `batches[its connection]`,
-    /// its host end onto `host_ends`. A pid not registered yet is kept in `early`.
-    fn take_exit(&mut self, pid: libc::pid_t, status: i32, batches: &mut [Vec<u8>], host_ends: &mut Vec<OwnedFd>) {
-        match self.pids.remove(&pid) {
-            Some(w) if w.template => {}
-            Some(w) => {
-                self.awaited -= usize::from(w.awaited);
-                self.by_worker.remove(&(w.conn, w.worker_id));
-                Shared::exited(w.worker_id, status, &mut batches[w.conn]);
-                host_ends.extend(w.host_end);
-            }
-            None => {
-                self.early.insert(pid, status);
-            }
-        }
-    }
-}
-
 /// State every thread sees.
 struct Shared {
     tables: Mutex<Tables>,
@@ -221,9 +202,6 @@ struct Settings {
     /// Connection threads wait for control messages in `ppoll` (minimal mode; in
     /// gVisor each extra syscall costs the runner 15-35 µs).
     poll_wait: bool,
-    /// Zygote templates reap their own workers and report their exits (gVisor,
-    /// whose `clone` ignores `CLONE_PARENT`; see `zygote`).
-    templates_reap: bool,
     /// Namespace flags beyond user/PID/IPC/UTS for every worker.
     extra_clone_flags: libc::c_int,
     rlimit_as: Option<libc::rlimit>,
@@ -351,7 +329,6 @@ fn setup(args: &RunnerArgs) -> Result<(Vec<OwnedFd>, Settings, Vec<String>), Str
         copy_binaries: gvisor,
         share_files: !gvisor,
         poll_wait: !gvisor,
-        templates_reap: gvisor,
         // Minimal mode: the runner's own network namespace is empty, workers share
         // it. gVisor: the container has a loopback, so each worker gets its own.
         // An IPC namespace per worker keeps SysV/POSIX IPC objects apart; level
@@ -519,7 +496,18 @@ fn reap(shared: &Shared) -> Vec<OwnedFd> {
             if pid <= 0 {
                 break;
             }
-            tables.take_exit(pid, status, &mut batches, &mut host_ends);
+            match tables.pids.remove(&pid) {
+                Some(w) if w.template => {}
+                Some(w) => {
+                    tables.awaited -= usize::from(w.awaited);
+                    tables.by_worker.remove(&(w.conn, w.worker_id));
+                    Shared::exited(w.worker_id, status, &mut batches[w.conn]);
+                    host_ends.extend(w.host_end);
+                }
+                None => {
+                    tables.early.insert(pid, status);
+                }
+            }
         }
     }
     for (idx, bytes) in batches.iter().enumerate() {
@@ -555,9 +543,6 @@ struct ConnThread {
     /// (`ChannelsTaken::unused`). A spawn moves the host end to its worker's record.
     made: HashMap<u64, (OwnedFd, OwnedFd)>,
     next_channel: u64,
-    /// Exits that reaping zygote templates reported, not yet passed on
-    /// (`flush_template_exits`).
-    template_exits: Vec<zygote::Exit>,
 }
 
 impl ConnThread {
@@ -585,7 +570,6 @@ impl ConnThread {
             refuse: None,
             made: HashMap::new(),
             next_channel: 1,
-            template_exits: Vec::new(),
         }
     }
 
@@ -628,14 +612,11 @@ impl ConnThread {
             // thread blocked in recvmsg is woken (for nothing) each time the engine
             // reads one of this connection's reports, at the engine thread's
             // expense (measured, BENCHMARKS.md).
-            // With reaping zygote templates, it also waits for their reports.
-            let reaping = self.binaries.values().any(|b| b.template.as_ref().is_some_and(Zygote::reaps));
-            let flags = if self.settings.poll_wait || reaping { libc::MSG_DONTWAIT } else { 0 };
+            let flags = if self.settings.poll_wait { libc::MSG_DONTWAIT } else { 0 };
             let n = match fdpass::recv_with_fds_flags(fd, &mut buf, &mut fds, flags) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && (self.settings.poll_wait || reaping) => {
-                    let waited = if reaping { self.wait_with_templates(fd) } else { fdpass::wait_readable(fd) };
-                    if let Err(e) = waited {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.settings.poll_wait => {
+                    if let Err(e) = fdpass::wait_readable(fd) {
                         eprintln!("roma-byob-runner: control socket {}: poll: {e}", self.idx);
                         break;
                     }
@@ -703,70 +684,6 @@ impl ConnThread {
         self.made.clear();
     }
 
-    /// Waits until the control socket `fd` is readable, passing on the exits that
-    /// reaping templates report meanwhile; a template whose socket closed has
-    /// exited and is forgotten (its unreaped workers pass to this runner, the
-    /// sandbox's init, and its reaper).
-    fn wait_with_templates(&mut self, fd: RawFd) -> io::Result<()> {
-        loop {
-            let templates: Vec<(u64, RawFd)> = self
-                .binaries
-                .iter()
-                .filter_map(|(id, b)| b.template.as_ref().filter(|t| t.reaps()).map(|t| (*id, t.ctl_fd())))
-                .collect();
-            let mut pfds: Vec<libc::pollfd> = std::iter::once(fd)
-                .chain(templates.iter().map(|t| t.1))
-                .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
-                .collect();
-            // SAFETY: a valid array of pollfd for the call's duration.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            for (i, (code_id, _)) in templates.iter().enumerate() {
-                if pfds[i + 1].revents == 0 {
-                    continue;
-                }
-                let Some(t) = self.binaries.get_mut(code_id).and_then(|b| b.template.as_mut()) else { continue };
-                match t.take_reports(&mut self.template_exits) {
-                    Ok(true) => {}
-                    Ok(false) | Err(_) => {
-                        eprintln!("roma-byob-runner: the zygote template of code {code_id} exited");
-                        self.drop_template(*code_id);
-                    }
-                }
-            }
-            self.flush_template_exits();
-            if pfds[0].revents != 0 {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Reports the exits reaping templates reported, as the reaper does its own.
-    fn flush_template_exits(&mut self) {
-        if self.template_exits.is_empty() {
-            return;
-        }
-        let mut batches: Vec<Vec<u8>> = vec![Vec::new(); self.shared.conns.len()];
-        let mut host_ends = Vec::new();
-        {
-            let mut tables = lock(&self.shared.tables);
-            for (pid, status) in self.template_exits.drain(..) {
-                tables.take_exit(pid, status, &mut batches, &mut host_ends);
-            }
-        }
-        for (idx, bytes) in batches.iter().enumerate() {
-            if !bytes.is_empty() {
-                self.shared.send_frames(idx, bytes);
-            }
-        }
-    }
-
     /// One worker of a zygote binary: forked by its template, restarted once if it
     /// has gone (a failed clone in a live template is just reported).
     fn zygote_spawn(
@@ -776,38 +693,21 @@ impl ConnThread {
         logs: Option<(RawFd, RawFd)>,
         shm: Option<RawFd>,
     ) -> Result<libc::pid_t, String> {
+        let forked = self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm);
         use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
-        match self.fork_from_template(code_id, channel, logs, shm)? {
+        match forked {
             Err(e) if matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof) => {
                 eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
                 self.drop_template(code_id);
-                self.fork_from_template(code_id, channel, logs, shm)?.map_err(|e| e.to_string())
+                self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm).map_err(|e| e.to_string())
             }
             other => other.map_err(|e| e.to_string()),
         }
     }
 
-    /// The fork of one worker from `code_id`'s template (started first if there is
-    /// none); Err if no template could be started. Exits a reaping template
-    /// reports meanwhile wait in `template_exits`.
-    fn fork_from_template(
-        &mut self,
-        code_id: u64,
-        channel: RawFd,
-        logs: Option<(RawFd, RawFd)>,
-        shm: Option<RawFd>,
-    ) -> Result<io::Result<libc::pid_t>, String> {
-        let mut exits = std::mem::take(&mut self.template_exits);
-        let forked = self.template_for(code_id, shm.is_some()).map(|t| t.fork(channel, logs, shm, &mut exits));
-        // Retiring a template in `template_for` may have reported some too.
-        exits.append(&mut self.template_exits);
-        self.template_exits = exits;
-        forked
-    }
-
     /// `code_id`'s running template, started first if there is none (or the one
     /// there was started for the other shared-memory setting).
-    fn template_for(&mut self, code_id: u64, shm: bool) -> Result<&mut Zygote, String> {
+    fn template_for(&mut self, code_id: u64, shm: bool) -> Result<&Zygote, String> {
         let bin = self.binaries.get(&code_id).ok_or_else(|| format!("unknown code id {code_id}"))?;
         if bin.template.as_ref().is_some_and(|t| t.shm() != shm) {
             self.drop_template(code_id);
@@ -818,7 +718,7 @@ impl ConnThread {
                 b.template = Some(t);
             }
         }
-        self.binaries.get_mut(&code_id).and_then(|b| b.template.as_mut()).ok_or_else(|| format!("unknown code id {code_id}"))
+        self.binaries.get(&code_id).and_then(|b| b.template.as_ref()).ok_or_else(|| format!("unknown code id {code_id}"))
     }
 
     fn drop_template(&mut self, code_id: u64) {
@@ -833,7 +733,7 @@ impl ConnThread {
         let bin = self.binaries.get(&code_id).ok_or_else(|| format!("unknown code id {code_id}"))?;
         let settings = &self.settings;
         let tables = &self.shared.tables;
-        let mut t = Zygote::start(
+        let t = Zygote::start(
             &mut self.spawner,
             bin.fd.as_raw_fd(),
             settings.devnull.as_raw_fd(),
@@ -856,7 +756,6 @@ impl ConnThread {
             key: gate::key(),
             clone_flags: settings.extra_clone_flags as u64,
             log_fsize: settings.rlimit_fsize.rlim_cur,
-            reap: settings.templates_reap,
         };
         if let Err(e) = t.send_setup(&setup) {
             self.retire(code_id, t);
@@ -865,19 +764,10 @@ impl ConnThread {
         Ok(t)
     }
 
-    /// Stops `code_id`'s template. One that does not reap exits on its control
-    /// socket's end of file, and is killed too, in case it is stuck, unless the
-    /// reaper has collected it already (then its pid may be another process's by
-    /// now). A reaping one is stopped and drained of its reports
-    /// ([`Zygote::finish`]), which are passed on.
-    fn retire(&mut self, code_id: u64, t: Zygote) {
-        if t.reaps() {
-            let mut exits = std::mem::take(&mut self.template_exits);
-            t.finish(&mut exits);
-            self.template_exits = exits;
-            self.flush_template_exits();
-            return;
-        }
+    /// Stops `code_id`'s template: it exits on its control socket's end of file;
+    /// killed too, in case it is stuck, unless the reaper has collected it already
+    /// (then its pid may be another process's by now).
+    fn retire(&self, code_id: u64, t: Zygote) {
         let tables = lock(&self.shared.tables);
         if tables.pids.get(&t.pid()).is_some_and(|w| w.template && w.conn == self.idx && w.code_id == code_id) {
             kill_worker(t.pid());
@@ -900,11 +790,8 @@ impl ConnThread {
                 }
             }
             host_to_runner::Msg::Unload(unload) => {
-                if let Some(bin) = self.binaries.remove(&unload.code_id) {
+                if self.binaries.remove(&unload.code_id).is_some() {
                     self.spawner.forget_binary();
-                    if let Some(t) = bin.template {
-                        self.retire(unload.code_id, t);
-                    }
                 }
                 let tables = lock(&self.shared.tables);
                 for (pid, w) in &tables.pids {
@@ -995,11 +882,6 @@ impl ConnThread {
                 drop(channel);
                 drop(logs);
                 drop(shm);
-                // Exits a reaping template reported during the fork: of workers
-                // registered before, reported ahead of this fork in the template's
-                // stream. Passed on before the new pid is registered, in case it is
-                // a recycled one.
-                self.flush_template_exits();
                 match result {
                     Ok(pid) => {
                         let early = {

@@ -1,4 +1,4 @@
-//! Zygote start (opt-in per load, [`crate::LoadOptions::zygote`]; every mode):
+//! Zygote start (opt-in per load, [`crate::LoadOptions::zygote`]; minimal mode):
 //! workers forked from a pre-`main` template of the UDF instead of exec'd one by
 //! one.
 //!
@@ -8,11 +8,10 @@
 //! `LD_PRELOAD` naming the shim (`zygote_shim.c`, written into the read-only root
 //! at [`SHIM_PATH`]). The loader maps and relocates the binary and its libraries
 //! and runs the libraries' constructors; then the shim's constructor takes over
-//! and never returns in the template: for each spawn order it clones a child in
-//! fresh user, PID and UTS (and, as for exec'd workers, IPC) namespaces; in
-//! minimal mode with `CLONE_PARENT`, so the child is this runner's, reaped and
-//! reported as any worker (gVisor: below). The child places its descriptors,
-//! sets its death signal (minimal mode), drops
+//! and never returns in the template: for each spawn order it clones a child
+//! with `CLONE_PARENT` (so the child is this runner's, reaped and reported as any
+//! worker) in fresh user, PID and UTS (and, as for exec'd workers, IPC)
+//! namespaces. The child places its descriptors, sets its death signal, drops
 //! every capability, erases the seccomp gate's key and `LD_PRELOAD`, and returns
 //! into the loader, which runs the executable's own constructors and `main()`.
 //!
@@ -35,19 +34,12 @@
 //! * A worker whose set-up fails before `main` exits with status 127 (exec'd
 //!   workers report the failed step instead).
 //!
-//! In gVisor (runsc 0.0~20221219) `clone` ignores `CLONE_PARENT`: the child is
-//! the template's, so the runner is never sent its SIGCHLD and cannot `wait4` for
-//! it (seen in the runsc debug log: each was reaped only at shutdown; gVisor's
-//! `Task.Clone` makes the caller the parent of every non-thread child). There the
-//! runner sets [`Setup::reap`]: the template clones plain children, reaps them
-//! itself (a signalfd for SIGCHLD beside its control socket) and reports each
-//! exit on its control socket, after that child's fork report; the connection
-//! thread turns those into exit reports as the reaper does for its own children
-//! ([`Zygote::take_reports`]). Such a child gets no parent-death signal: when its
-//! template exits (unload), it passes to the sandbox's init, the runner, which
-//! reaps it; the runner's own death ends the whole sandbox. A retiring template
-//! is sent a stop order and drained to its end of file
-//! ([`Zygote::finish`]), so no exit it reaped goes unreported.
+//! Minimal mode only. Tried in gVisor (runsc 0.0~20221219), where it ran and
+//! halved glibc workers' latency: the `CLONE_PARENT` children do become the
+//! runner's, but the runner is never sent their SIGCHLD and its reaping thread's
+//! `wait4(-1, WNOHANG)` does not see them (runsc debug log: every one was reaped
+//! only when the connection thread ended, at shutdown), so each would stay a
+//! zombie and a crash would not be reported.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -67,16 +59,6 @@ pub const PRELOAD_ENV: &std::ffi::CStr = c"LD_PRELOAD=/roma-zygote.so";
 
 const FLAG_LOG: u8 = 1;
 const FLAG_SHM: u8 = 2;
-/// An order without descriptors that makes a reaping template exit.
-const FLAG_STOP: u8 = 0x80;
-const OPT_REAP: u64 = 1;
-const REPORT_FORKED: i32 = 1;
-const REPORT_EXITED: i32 = 2;
-/// Bytes of one template report (the shim's `struct report`).
-const REPORT_LEN: usize = 12;
-/// How long a retiring template may take to reach its end of file before it is
-/// killed ([`Zygote::finish`]).
-const FINISH_GRACE_MS: libc::c_int = 1000;
 
 /// What a template needs once (the shim's `struct setup`).
 pub struct Setup {
@@ -86,13 +68,7 @@ pub struct Setup {
     pub clone_flags: u64,
     /// RLIMIT_FSIZE for workers whose output is captured.
     pub log_fsize: u64,
-    /// The template reaps its workers and reports their exits (gVisor, where
-    /// `CLONE_PARENT` is ignored; see the module documentation).
-    pub reap: bool,
 }
-
-/// One exit a reaping template reported: (pid, wait status).
-pub type Exit = (libc::pid_t, i32);
 
 /// A running template and the runner's end of its control socket.
 pub struct Zygote {
@@ -100,10 +76,6 @@ pub struct Zygote {
     ctl: OwnedFd,
     /// Whether its workers get `argv[2]` = "4" (shared memory): fixed per template.
     shm: bool,
-    /// It reaps its own workers ([`Setup::reap`]).
-    reap: bool,
-    /// Bytes of a report not yet whole.
-    partial: Vec<u8>,
 }
 
 impl Zygote {
@@ -132,17 +104,15 @@ impl Zygote {
             template: Some(Template { shm_arg: shm }),
         };
         let pid = spawner.spawn(&plan, reaped_elsewhere)?;
-        Ok(Zygote { pid, ctl, shm, reap: false, partial: Vec::new() })
+        Ok(Zygote { pid, ctl, shm })
     }
 
     /// Sends the template its set-up (once, first).
-    pub fn send_setup(&mut self, setup: &Setup) -> io::Result<()> {
-        let mut bytes = [0u8; 32];
+    pub fn send_setup(&self, setup: &Setup) -> io::Result<()> {
+        let mut bytes = [0u8; 24];
         bytes[..8].copy_from_slice(&setup.key.to_ne_bytes());
         bytes[8..16].copy_from_slice(&setup.clone_flags.to_ne_bytes());
-        bytes[16..24].copy_from_slice(&setup.log_fsize.to_ne_bytes());
-        bytes[24..].copy_from_slice(&(if setup.reap { OPT_REAP } else { 0 }).to_ne_bytes());
-        self.reap = setup.reap;
+        bytes[16..].copy_from_slice(&setup.log_fsize.to_ne_bytes());
         fdpass::send_with_fds(self.ctl.as_raw_fd(), &bytes, &[])
             .map_err(|e| io::Error::new(e.kind(), format!("zygote set-up: {e}")))
     }
@@ -155,27 +125,10 @@ impl Zygote {
         self.shm
     }
 
-    /// Whether it reaps its own workers ([`Setup::reap`]).
-    pub fn reaps(&self) -> bool {
-        self.reap
-    }
-
-    /// Its control socket, to wait on for [`Zygote::take_reports`].
-    pub fn ctl_fd(&self) -> RawFd {
-        self.ctl.as_raw_fd()
-    }
-
     /// Has the template fork one worker on `channel` (with `logs` as its stdout and
     /// stderr, and `shm` at fd 4); returns the worker's pid (in the runner's PID
-    /// namespace: the template lives in it). Exits reported meanwhile go to
-    /// `exited`.
-    pub fn fork(
-        &mut self,
-        channel: RawFd,
-        logs: Option<(RawFd, RawFd)>,
-        shm: Option<RawFd>,
-        exited: &mut Vec<Exit>,
-    ) -> io::Result<libc::pid_t> {
+    /// namespace: the template lives in it).
+    pub fn fork(&self, channel: RawFd, logs: Option<(RawFd, RawFd)>, shm: Option<RawFd>) -> io::Result<libc::pid_t> {
         let mut fds = [channel; 4];
         let (mut n, mut flags) = (1, 0);
         if let Some((out, err)) = logs {
@@ -188,97 +141,29 @@ impl Zygote {
         }
         fdpass::send_with_fds(self.ctl.as_raw_fd(), &[flags], &fds[..n])
             .map_err(|e| io::Error::new(e.kind(), format!("zygote spawn order: {e}")))?;
-        let pid = loop {
-            match self.next_report(true)? {
-                Some((REPORT_FORKED, pid, _)) => break pid,
-                Some((REPORT_EXITED, pid, status)) => exited.push((pid, status)),
-                Some((kind, _, _)) => return Err(io::Error::other(format!("zygote report of unknown kind {kind}"))),
-                None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the zygote template exited")),
-            }
-        };
-        if pid < 0 {
-            let e = io::Error::from_raw_os_error(-pid);
-            return Err(io::Error::new(e.kind(), format!("zygote clone: {e}")));
-        }
-        Ok(pid)
-    }
-
-    /// Takes the exits a reaping template has reported, without waiting, into
-    /// `exited`; false once the template has closed its end (it exited).
-    pub fn take_reports(&mut self, exited: &mut Vec<Exit>) -> io::Result<bool> {
-        loop {
-            match self.next_report(false) {
-                Ok(Some((REPORT_EXITED, pid, status))) => exited.push((pid, status)),
-                Ok(Some((kind, _, _))) => return Err(io::Error::other(format!("unexpected zygote report of kind {kind}"))),
-                Ok(None) => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Ends a reaping template: sends it a stop order (it exits) and takes its
-    /// reports until its socket closes, into `exited`; killed if that takes longer
-    /// than `FINISH_GRACE_MS`, and drained on until its socket closes. A template
-    /// that does not reap is just dropped (its socket's end of file stops it).
-    pub fn finish(mut self, exited: &mut Vec<Exit>) {
-        if !self.reap {
-            return;
-        }
-        if fdpass::send_with_fds(self.ctl.as_raw_fd(), &[FLAG_STOP], &[]).is_err() {
-            // Gone already: its socket holds whatever it reported.
-            let _ = self.take_reports(exited);
-            return;
-        }
-        let mut killed = false;
-        loop {
-            match self.take_reports(exited) {
-                Ok(true) => {}
-                Ok(false) | Err(_) => return,
-            }
-            let mut pfd = libc::pollfd { fd: self.ctl.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, if killed { -1 } else { FINISH_GRACE_MS }) };
-            if n == 0 && !killed {
-                eprintln!("roma-byob-runner: a zygote template did not stop within {FINISH_GRACE_MS} ms; killing it");
-                super::kill_worker(self.pid);
-                killed = true;
-            }
-        }
-    }
-
-    /// The next whole report: blocking, or `WouldBlock` when none is there yet
-    /// (`wait` false); None at the end of file.
-    fn next_report(&mut self, wait: bool) -> io::Result<Option<(i32, i32, i32)>> {
-        let fd = self.ctl.as_raw_fd();
-        while self.partial.len() < REPORT_LEN {
-            if !wait {
-                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd; no waiting.
-                if unsafe { libc::poll(&mut pfd, 1, 0) } == 0 {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-            }
-            let mut buf = [0u8; REPORT_LEN * 16];
-            // SAFETY: reading into a local buffer of the given length (readable, or
-            // a blocking read is wanted).
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let mut reply = [0u8; 4];
+        let mut got = 0;
+        while got < reply.len() {
+            // SAFETY: reading into the rest of a local buffer.
+            let n = unsafe { libc::read(self.ctl.as_raw_fd(), reply[got..].as_mut_ptr().cast(), reply.len() - got) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(io::Error::new(e.kind(), format!("zygote report: {e}")));
+                return Err(io::Error::new(e.kind(), format!("zygote reply: {e}")));
             }
             if n == 0 {
-                return Ok(None);
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the zygote template exited"));
             }
-            self.partial.extend_from_slice(&buf[..n as usize]);
+            got += n as usize;
         }
-        let field = |i: usize| i32::from_ne_bytes(self.partial[i * 4..i * 4 + 4].try_into().unwrap_or_default());
-        let report = (field(0), field(1), field(2));
-        self.partial.drain(..REPORT_LEN);
-        Ok(Some(report))
+        let pid = i32::from_ne_bytes(reply);
+        if pid < 0 {
+            let e = io::Error::from_raw_os_error(-pid);
+            return Err(io::Error::new(e.kind(), format!("zygote clone: {e}")));
+        }
+        Ok(pid)
     }
 }
 

@@ -5,10 +5,8 @@
  * whose dynamic loader has mapped and relocated it and its libraries and run the
  * libraries' constructors. This constructor then never returns in the template:
  * it serves spawn orders from the runner on fd 3, and for each one clones a child
- * in fresh user, PID and UTS namespaces: with CLONE_PARENT (the runner's child,
- * reaped by the runner) in minimal mode, or, with OPT_REAP (gVisor, whose clone
- * ignores CLONE_PARENT), as this template's own child, which the template reaps
- * and reports. The child places its descriptors, drops every capability,
+ * (CLONE_PARENT: the runner's child, reaped by the runner) in fresh user, PID and
+ * UTS namespaces. The child places its descriptors, drops every capability,
  * erases the runner's seccomp-gate key from its memory and registers, removes
  * LD_PRELOAD from its environment and returns: the loader goes on to the
  * executable's own constructors and main(), which therefore run only in children,
@@ -18,22 +16,13 @@
  * stack protector (the build checks that the result imports nothing).
  *
  * Protocol on fd 3 (a stream socket pair with the runner's connection thread):
- *   runner -> template, once: struct setup (32 bytes, native endian).
+ *   runner -> template, once: struct setup (24 bytes, native endian).
  *   runner -> template, per worker: one flags byte, with SCM_RIGHTS
- *     [channel] + [stdout, stderr] if FLAG_LOG + [shared memory] if FLAG_SHM;
- *     or FLAG_STOP alone: the template exits (the runner retires an OPT_REAP
- *     template so, and reads its reports until the socket closes).
- *   template -> runner: struct report (12 bytes): per worker REPORT_FORKED with
- *     the child's pid or -errno; with OPT_REAP, REPORT_EXITED with the pid and
- *     wait status of each child it reaped, always after that child's
- *     REPORT_FORKED.
- *   FLAG_STOP or end of file on fd 3: the template exits (with OPT_REAP, every
- *   child it reaped has been reported by then; children not yet reaped pass to
- *   the sandbox's init, the runner).
+ *     [channel] + [stdout, stderr] if FLAG_LOG + [shared memory] if FLAG_SHM.
+ *   template -> runner, per worker: int32 pid of the child, or -errno.
+ *   End of file on fd 3: the template exits.
  * Template descriptors: 0-2 /dev/null, 3 the control socket, 4 /dev/null (a
- * placeholder: received descriptors land at 5 and above, never on a target), and
- * with OPT_REAP a signalfd for SIGCHLD (blocked in every runner thread, and so
- * here) at 5.
+ * placeholder: received descriptors land at 5 and above, never on a target).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -48,23 +37,13 @@
 #include <elf.h>
 #include <link.h>
 #include <sys/mman.h>
-#include <sys/wait.h>
-#include <sys/signalfd.h>
-#include <poll.h>
 
 #define CTL_FD 3
 #define SHM_FD 4
 #define FIRST_RECEIVED_FD 5
 #define FLAG_LOG 1
 #define FLAG_SHM 2
-#define FLAG_STOP 0x80
 #define MAX_FDS 4
-#define OPT_REAP 1
-#define REPORT_FORKED 1
-#define REPORT_EXITED 2
-#ifndef __WALL
-#define __WALL 0x40000000
-#endif
 
 struct setup {
   /* The seccomp gate's key (0: no gate). Zeroed in every child before the UDF runs. */
@@ -73,14 +52,6 @@ struct setup {
   uint64_t clone_flags;
   /* RLIMIT_FSIZE for workers whose output is captured (FLAG_LOG). */
   uint64_t log_fsize;
-  /* OPT_REAP: children are this template's own, reaped and reported here. */
-  uint64_t options;
-};
-
-struct report {
-  int32_t kind;
-  int32_t pid;
-  int32_t status;
 };
 
 static struct setup setup;
@@ -228,11 +199,7 @@ static void become_worker(int flags, const int *fds, char **envp) {
   if (shm >= 0 && sys(SYS_dup3, shm, SHM_FD, 0, 0, 0) < 0) exit_group(127);
   /* The received copies, and the placeholder at 4 when there is no shared memory. */
   if (sys(SYS_close_range, shm >= 0 ? FIRST_RECEIVED_FD : SHM_FD, 0x7fffffff, 0, 0, 0) < 0) exit_group(127);
-  /* With CLONE_PARENT the parent is the runner's connection thread. An OPT_REAP
-   * child's parent is this template, which exits on unload while the child may
-   * still serve: it passes to the sandbox's init (the runner, whose death ends
-   * the whole sandbox) instead of dying with the template. */
-  if (!(setup.options & OPT_REAP) && sys(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) exit_group(127);
+  if (sys(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) exit_group(127);
   if (flags & FLAG_LOG) {
     struct rlimit lim = {setup.log_fsize, setup.log_fsize};
     if (sys(SYS_prlimit64, 0, RLIMIT_FSIZE, (long)&lim, 0, 0) < 0) exit_group(127);
@@ -257,59 +224,11 @@ static void become_worker(int flags, const int *fds, char **envp) {
   *w = 0;
 }
 
-static int send_report(int32_t kind, int32_t pid, int32_t status) {
-  struct report r = {kind, pid, status};
-  return sys(SYS_write, CTL_FD, (long)&r, sizeof r, 0, 0) == sizeof r ? 0 : -1;
-}
-
-/* OPT_REAP: reaps every child that has exited and reports each; -1 if a report
- * cannot be written (the runner is gone). */
-static int reap_children(void) {
-  for (;;) {
-    int status = 0;
-    long pid = sys(SYS_wait4, -1, (long)&status, WNOHANG | __WALL, 0, 0);
-    if (pid == -EINTR) continue;
-    if (pid <= 0) return 0;
-    if (send_report(REPORT_EXITED, (int32_t)pid, status) != 0) return -1;
-  }
-}
-
-/* OPT_REAP: a signalfd for SIGCHLD (blocked first, as it is in the runner that
- * exec'd this template), or -1. */
-static int chld_fd(void) {
-  uint64_t mask = 1ULL << (SIGCHLD - 1);
-  if (sys(SYS_rt_sigprocmask, SIG_BLOCK, (long)&mask, 0, sizeof mask, 0) < 0) return -1;
-  long fd = sys(SYS_signalfd4, -1, (long)&mask, sizeof mask, SFD_CLOEXEC | SFD_NONBLOCK, 0);
-  return fd < 0 ? -1 : (int)fd;
-}
-
-/* OPT_REAP: waits until fd 3 has an order (or its end of file), reaping and
- * reporting children meanwhile; -1: the template must exit. */
-static int wait_for_order(int sfd) {
-  for (;;) {
-    struct pollfd p[2] = {{CTL_FD, POLLIN, 0}, {sfd, POLLIN, 0}};
-    long n = sys(SYS_poll, (long)p, 2, -1, 0, 0);
-    if (n == -EINTR) continue;
-    if (n < 0) return -1;
-    if (p[0].revents) return 0;
-    if (p[1].revents) {
-      struct signalfd_siginfo info[4];
-      while (sys(SYS_read, sfd, (long)info, sizeof info, 0, 0) > 0) {
-      }
-      if (reap_children() != 0) return -1;
-    }
-  }
-}
-
 __attribute__((constructor)) static void zygote(int argc, char **argv, char **envp) {
   (void)argc;
   (void)argv;
   if (recv_exact((void *)&setup, sizeof setup) != 0) exit_group(0);
-  int reap = (setup.options & OPT_REAP) != 0;
-  int sfd = reap ? chld_fd() : -1;
-  if (reap && sfd < 0) exit_group(0);
   for (;;) {
-    if (reap && wait_for_order(sfd) != 0) exit_group(0);
     unsigned char flags;
     union {
       struct cmsghdr align;
@@ -324,7 +243,6 @@ __attribute__((constructor)) static void zygote(int argc, char **argv, char **en
     long n = sys(SYS_recvmsg, CTL_FD, (long)&msg, MSG_CMSG_CLOEXEC, 0, 0);
     if (n == -EINTR) continue;
     if (n <= 0) exit_group(0); /* the runner closed the connection (unload) */
-    if (flags & FLAG_STOP) exit_group(0);
     int fds[MAX_FDS];
     int got = 0;
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
@@ -342,9 +260,8 @@ __attribute__((constructor)) static void zygote(int argc, char **argv, char **en
     if (got != want || (msg.msg_flags & MSG_CTRUNC)) {
       reply = -EPROTO;
     } else {
-      long parent = reap ? 0 : CLONE_PARENT;
-      long pid = sys(SYS_clone, parent | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWUTS | (long)setup.clone_flags | SIGCHLD, 0, 0,
-                     0, 0);
+      long pid = sys(SYS_clone, CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWUTS | (long)setup.clone_flags | SIGCHLD,
+                     0, 0, 0, 0);
       if (pid == 0) {
         become_worker(flags, fds, envp);
         return;
@@ -352,6 +269,6 @@ __attribute__((constructor)) static void zygote(int argc, char **argv, char **en
       reply = (int32_t)pid;
     }
     for (int i = 0; i < got && i < MAX_FDS; i++) sys(SYS_close, fds[i], 0, 0, 0, 0);
-    if (send_report(REPORT_FORKED, reply, 0) != 0) exit_group(0);
+    if (sys(SYS_write, CTL_FD, (long)&reply, sizeof reply, 0, 0) != sizeof reply) exit_group(0);
   }
 }
