@@ -191,6 +191,19 @@ pub struct Config {
     /// BENCHMARKS.md). An unconfirmed worker nobody claims is checked at
     /// `worker_start_timeout`. Off: every ready byte is read by the engine thread.
     pub lazy_readiness: bool,
+    /// The sandbox may hold back the exit reports of workers that answered and
+    /// exited cleanly, and send up to this many in one message, so the engine
+    /// thread wakes once for several executions instead of once each (in
+    /// sequential traffic that report is its only wake-up). A shard holds at most
+    /// half its share of a code token's pool this way (a pool of 10 on two shards:
+    /// batches of 2), never for logging or shared-memory tokens (their exit
+    /// completes an execution), and never a failed or killed worker's report.
+    /// A held report delays only the freeing of the worker's record and channel
+    /// (`Engine::live_workers` counts it meanwhile): the slot is refilled when its
+    /// execution completes. Below 2: every report is sent at once.
+    pub exit_report_batch: usize,
+    /// Longest a report is held back (see `exit_report_batch`).
+    pub exit_report_hold: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs): directories or single files. Symlinks are followed; missing
@@ -240,6 +253,8 @@ impl Default for Config {
             wait_spin: Duration::from_micros(100),
             caller_reads: true,
             lazy_readiness: true,
+            exit_report_batch: 4,
+            exit_report_hold: Duration::from_millis(10),
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into(), "/etc/ld.so.cache".into()],
             memory_limit: None,

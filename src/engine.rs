@@ -106,6 +106,8 @@ impl Engine {
                 busy_poll: config.busy_poll,
                 worker_start_timeout: config.worker_start_timeout,
                 lazy_readiness: config.lazy_readiness,
+                exit_report_batch: config.exit_report_batch,
+                exit_report_hold: config.exit_report_hold,
                 batch_wait: config.batch_wait,
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
                 batch_want: config.batch_want.max(1),
@@ -187,8 +189,11 @@ impl Engine {
 
     /// Worker processes started and not yet reported exited, over all engine
     /// threads: idle and busy workers, and those that answered and have not exited
-    /// yet. A worker still running when its execution's timeout passes is killed,
-    /// so this stays near the pools' size whatever the UDF does.
+    /// yet, and those whose clean exit report the sandbox holds back
+    /// (`Config::exit_report_batch`, at most half a shard's pool, for at most
+    /// `Config::exit_report_hold`). A worker still running when its execution's
+    /// timeout passes is killed, so this stays near the pools' size whatever the UDF
+    /// does.
     pub fn live_workers(&self) -> usize {
         self.shards.iter().map(|s| s.shared.live_workers.load(Ordering::Relaxed)).sum()
     }

@@ -95,6 +95,13 @@ pub struct EngineArgs {
     /// killed and counted as a start-up failure (Config::worker_start_timeout).
     #[arg(long, default_value_t = 10_000)]
     worker_start_timeout_ms: u64,
+    /// Clean exit reports the sandbox may hold back and send together, at most half
+    /// a shard's pool (Config::exit_report_batch; below 2 = each at once).
+    #[arg(long, default_value_t = 4)]
+    exit_report_batch: usize,
+    /// Longest a held exit report waits, in µs (Config::exit_report_hold).
+    #[arg(long, default_value_t = 10_000)]
+    exit_report_hold_us: u64,
 }
 
 impl EngineArgs {
@@ -130,6 +137,8 @@ impl EngineArgs {
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),
+            exit_report_batch: self.exit_report_batch,
+            exit_report_hold: std::time::Duration::from_micros(self.exit_report_hold_us),
             ..Default::default()
         })
     }

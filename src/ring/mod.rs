@@ -156,6 +156,9 @@ pub(crate) struct ShardConfig {
     pub worker_start_timeout: Duration,
     /// See `Config::lazy_readiness`.
     pub lazy_readiness: bool,
+    /// See `Config::exit_report_batch` and `Config::exit_report_hold`.
+    pub exit_report_batch: usize,
+    pub exit_report_hold: Duration,
     pub host_api: Arc<crate::host_api::HostApi>,
     /// Where shared-memory regions come from and go back to (wiped) after use.
     pub shm_pool: Arc<crate::ipc::shm::ShmPool>,

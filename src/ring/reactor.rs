@@ -920,6 +920,10 @@ impl Reactor {
     fn spawn_worker(&mut self, token: u64) -> std::io::Result<bool> {
         let Some(t) = self.tokens.get(&token) else { return Ok(true) };
         let (log, shm_size) = (t.entry.log, t.entry.shm);
+        // At most half the shard's slots may wait for a held exit report: the rest
+        // of the pool is there meanwhile.
+        let exit_batch = self.config.exit_report_batch.min(t.slots / 2);
+        let exit_batch = if exit_batch >= 2 && !log && shm_size.is_none() { exit_batch as u32 } else { 0 };
         // The channel first, so that an empty stock costs nothing more. With a runner
         // pidfd it comes from the runner's stock (see `on_channels`); otherwise it is
         // made here and its worker end goes first with the order.
@@ -952,7 +956,9 @@ impl Reactor {
         let worker_id = self.next_worker_id;
         self.next_worker_id += 1;
         let shm_on = shm.is_some();
-        self.ctl_out.push(host_to_runner::Msg::Spawn(Spawn { code_id: token, worker_id, log, shm: shm_on, channel }), fds);
+        let exit_hold_us = u32::try_from(self.config.exit_report_hold.as_micros()).unwrap_or(u32::MAX);
+        let spawn = Spawn { code_id: token, worker_id, log, shm: shm_on, channel, exit_batch, exit_hold_us };
+        self.ctl_out.push(host_to_runner::Msg::Spawn(spawn), fds);
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1) & 0xff_ffff;
         let conn = WorkerConn {
@@ -1533,11 +1539,39 @@ impl Reactor {
                 }
             }
         }
+        self.note_idle_exits(&msgs);
         for m in msgs {
             self.on_runner_msg(m);
         }
         if !armed && !self.runner_dead {
             self.post_ctl_recv();
+        }
+    }
+
+    /// Records the exits among `msgs` of workers that are idle to the shard, then
+    /// drains the commands once: a caller may have handed such a worker a request.
+    /// The exits are recorded first, so that what those commands do (typically: the
+    /// caller read the response, the slot is released) knows each worker is gone:
+    /// no `shutdown` to tell it end-of-file, no `Kill` order, and its record is freed
+    /// at once (then nothing is left for `on_worker_exit`). All of a batch's exits
+    /// (`Config::exit_report_batch`) are recorded before that one drain.
+    fn note_idle_exits(&mut self, msgs: &[runner_to_host::Msg]) {
+        let mut any = false;
+        for msg in msgs {
+            let runner_to_host::Msg::Exited(e) = msg else { continue };
+            let Some(&key) = self.by_worker_id.get(&e.worker_id) else { continue };
+            let Some(w) = self.worker(key) else { continue };
+            if let Some((region, _)) = w.shm.as_ref() {
+                // As in `on_runner_msg`: reaped, so its region may be wiped and reused.
+                region.mark_reaped();
+            }
+            if w.state == WState::Idle {
+                w.exited = Some(e.wait_status);
+                any = true;
+            }
+        }
+        if any {
+            self.drain_commands();
         }
     }
 
@@ -1552,12 +1586,8 @@ impl Reactor {
                     region.mark_reaped();
                 }
                 if w.state == WState::Idle {
-                    // A caller may have handed this worker a request: know it first.
-                    // The exit is recorded before, so that what those commands do
-                    // (typically: the caller read the response, the slot is
-                    // released) knows the worker is gone: no `shutdown` to tell it
-                    // end-of-file, no `Kill` order, and the record is freed at once
-                    // (then nothing is left for `on_worker_exit`).
+                    // Idle still after `note_idle_exits` (or not reported through
+                    // `on_ctl_recv`): as there.
                     w.exited = Some(e.wait_status);
                     self.drain_commands();
                 }

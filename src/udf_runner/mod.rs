@@ -133,6 +133,45 @@ struct Worker {
     host_end: Option<OwnedFd>,
     /// A zygote template, not a worker: reaped without a report.
     template: bool,
+    /// Its clean exit may be held back this long, with up to `exit_batch - 1`
+    /// others (`Spawn::exit_batch`; 0: reported at once).
+    exit_batch: u32,
+    exit_hold: std::time::Duration,
+}
+
+/// Clean exit reports held back for one connection (`Spawn::exit_batch`): the
+/// engine thread then wakes once for several workers' exits instead of once each.
+/// A worker's slot is refilled when its execution completes (a command the engine
+/// thread handles on its next wake-up); the report frees its record and closes its
+/// channel, so it may wait.
+#[derive(Default)]
+struct Held {
+    bytes: Vec<u8>,
+    count: usize,
+    /// Sent when `count` reaches this (the smallest batch of the held workers) ...
+    batch: usize,
+    /// ... or at this time (the earliest of their holds).
+    due: Option<std::time::Instant>,
+    host_ends: Vec<OwnedFd>,
+}
+
+impl Held {
+    fn hold(&mut self, worker_id: u64, status: i32, w: &mut Worker, now: std::time::Instant) {
+        Shared::exited(worker_id, status, &mut self.bytes);
+        let batch = w.exit_batch as usize;
+        self.batch = if self.count == 0 { batch } else { self.batch.min(batch) };
+        self.count += 1;
+        let due = now + w.exit_hold;
+        self.due = Some(self.due.map_or(due, |d| d.min(due)));
+        self.host_ends.extend(w.host_end.take());
+    }
+
+    /// Takes the held reports (to be sent first) and their host ends.
+    fn take(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
+        let out = (std::mem::take(&mut self.bytes), std::mem::take(&mut self.host_ends));
+        *self = Held::default();
+        out
+    }
 }
 
 /// Nice value of the connection threads and so of every worker (see `ConnThread::run`).
@@ -411,13 +450,14 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
     }
     let mut finished = 0;
     let mut last_reap = std::time::Instant::now() - REAP_INTERVAL;
-    // Host ends of reaped workers, closed HOST_END_GRACE after the reap.
+    // Host ends of reaped workers, closed HOST_END_GRACE after their exit report.
     let mut closing: std::collections::VecDeque<(std::time::Instant, Vec<OwnedFd>)> = Default::default();
+    let mut held: Vec<Held> = (0..n).map(|_| Held::default()).collect();
     while finished < n {
         let now = std::time::Instant::now();
-        let timeout_ms = closing
-            .front()
-            .map_or(-1, |(due, _)| due.saturating_duration_since(now).as_micros().div_ceil(1000).max(1) as libc::c_int);
+        let next = closing.front().map(|(due, _)| *due).into_iter().chain(held.iter().filter_map(|h| h.due)).min();
+        let timeout_ms =
+            next.map_or(-1, |due| due.saturating_duration_since(now).as_micros().div_ceil(1000).max(1) as libc::c_int);
         let mut pfds = [
             libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: done_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -443,13 +483,20 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
             let mut info = [0u8; 128];
             // SAFETY: drain the signalfd into a local buffer.
             while unsafe { libc::read(sfd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) } > 0 {}
-            let host_ends = reap(&shared);
+            let host_ends = reap(&shared, &mut held);
             if !host_ends.is_empty() {
-                closing.push_back((last_reap + HOST_END_GRACE, host_ends));
+                closing.push_back((std::time::Instant::now() + HOST_END_GRACE, host_ends));
+            }
+        }
+        let now = std::time::Instant::now();
+        for (idx, h) in held.iter_mut().enumerate() {
+            if h.due.is_some_and(|due| due <= now) {
+                let (bytes, host_ends) = h.take();
+                shared.send_frames(idx, &bytes);
+                closing.push_back((now + HOST_END_GRACE, host_ends));
             }
         }
         // After this round's exit reports are out.
-        let now = std::time::Instant::now();
         while closing.front().is_some_and(|(due, _)| *due <= now) {
             closing.pop_front();
         }
@@ -482,11 +529,13 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
 }
 
 /// Reaps every exited worker and reports them, one write per control connection
-/// for the whole batch (fewer wake-ups of the engine threads). Returns this
-/// runner's copies of the reaped workers' host ends (`Worker::host_end`).
-fn reap(shared: &Shared) -> Vec<OwnedFd> {
+/// for the whole batch (fewer wake-ups of the engine threads), except clean exits
+/// that may wait (`Held`). Returns this runner's copies of the reported workers'
+/// host ends (`Worker::host_end`).
+fn reap(shared: &Shared, held: &mut [Held]) -> Vec<OwnedFd> {
     let mut batches: Vec<Vec<u8>> = vec![Vec::new(); shared.conns.len()];
     let mut host_ends = Vec::new();
+    let now = std::time::Instant::now();
     {
         let mut tables = lock(&shared.tables);
         loop {
@@ -498,11 +547,16 @@ fn reap(shared: &Shared) -> Vec<OwnedFd> {
             }
             match tables.pids.remove(&pid) {
                 Some(w) if w.template => {}
-                Some(w) => {
+                Some(mut w) => {
                     tables.awaited -= usize::from(w.awaited);
                     tables.by_worker.remove(&(w.conn, w.worker_id));
-                    Shared::exited(w.worker_id, status, &mut batches[w.conn]);
-                    host_ends.extend(w.host_end);
+                    let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                    if w.exit_batch > 0 && clean && !w.awaited {
+                        held[w.conn].hold(w.worker_id, status, &mut w, now);
+                    } else {
+                        Shared::exited(w.worker_id, status, &mut batches[w.conn]);
+                        host_ends.extend(w.host_end);
+                    }
                 }
                 None => {
                     tables.early.insert(pid, status);
@@ -510,9 +564,19 @@ fn reap(shared: &Shared) -> Vec<OwnedFd> {
             }
         }
     }
-    for (idx, bytes) in batches.iter().enumerate() {
+    for (idx, bytes) in batches.into_iter().enumerate() {
+        let h = &mut held[idx];
+        // Held reports go out with any report that may not wait, or as a batch.
+        let bytes = if h.count > 0 && (!bytes.is_empty() || h.count >= h.batch) {
+            let (mut all, ends) = h.take();
+            all.extend_from_slice(&bytes);
+            host_ends.extend(ends);
+            all
+        } else {
+            bytes
+        };
         if !bytes.is_empty() {
-            shared.send_frames(idx, bytes);
+            shared.send_frames(idx, &bytes);
         }
     }
     host_ends
@@ -749,7 +813,16 @@ impl ConnThread {
             if let Some(status) = tables.early.remove(&t.pid()) {
                 return Err(format!("the zygote template exited at once (wait status {status:#x})"));
             }
-            let template = Worker { conn: self.idx, worker_id: 0, code_id, awaited: false, host_end: None, template: true };
+            let template = Worker {
+                conn: self.idx,
+                worker_id: 0,
+                code_id,
+                awaited: false,
+                host_end: None,
+                template: true,
+                exit_batch: 0,
+                exit_hold: std::time::Duration::ZERO,
+            };
             tables.pids.insert(t.pid(), template);
         }
         let setup = zygote::Setup {
@@ -900,6 +973,8 @@ impl ConnThread {
                                             awaited,
                                             host_end,
                                             template: false,
+                                            exit_batch: sp.exit_batch,
+                                            exit_hold: std::time::Duration::from_micros(sp.exit_hold_us.into()),
                                         },
                                     );
                                     tables.by_worker.insert((self.idx, sp.worker_id), pid);

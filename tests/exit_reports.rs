@@ -1,0 +1,119 @@
+//! Held exit reports (`Config::exit_report_batch`, `Config::exit_report_hold`): the
+//! sandbox sends the clean exits of answered workers in batches, so the engine
+//! thread wakes once for several executions. Every report still arrives: when the
+//! batch is full, with any report that may not wait, or when the hold runs out.
+//! One engine thread, so that one runner connection holds every report.
+//!
+//! A held worker is dead but still counted by `Engine::live_workers`, while its
+//! replacement (or the rest of the pool) counts in `Engine::idle_workers`: their
+//! difference is the number of reports held (once spawns are offered).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use roma_byob::proto::sample::{SampleRequest, SampleResponse};
+use roma_byob::{CodeToken, Config, Engine, Mode};
+
+fn one_shard(mode: Mode, batch: usize, hold: Duration) -> Engine {
+    let first = cpus_allowed("/proc/self/status")
+        .split(['-', ','])
+        .next()
+        .and_then(|c| c.parse::<usize>().ok())
+        .expect("an allowed core");
+    let config = Config { mode, cores: vec![first], exit_report_batch: batch, exit_report_hold: hold, ..Default::default() };
+    Engine::new(config).unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"))
+}
+
+/// Workers started whose exit the engine has not learnt, beyond the idle ones.
+fn unreported(e: &Engine, t: &CodeToken) -> usize {
+    e.live_workers().saturating_sub(e.idle_workers(t).unwrap())
+}
+
+/// Polls until `unreported` is `want` (at most `within`); returns the last value.
+fn wait_unreported(e: &Engine, t: &CodeToken, want: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = unreported(e, t);
+        if got == want || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn hellos(e: &Engine, t: &CodeToken, n: usize, mode: Mode) {
+    for i in 0..n {
+        wait_idle(e, t, 1);
+        assert_eq!(hello(e, t).unwrap(), "Hello, world!", "{mode:?}: execution {i}");
+    }
+}
+
+#[test]
+fn clean_exits_are_held_until_the_batch_is_full() {
+    for mode in modes() {
+        // 8 workers on the one shard: batches of 4 (at most half the pool).
+        let e = one_shard(mode, 4, Duration::from_secs(60));
+        let t = load(&e, "hello_world", 8);
+        wait_idle(&e, &t, 8);
+        assert_eq!(wait_live(&e, 8), 8, "{mode:?}");
+        hellos(&e, &t, 3, mode);
+        assert_eq!(wait_unreported(&e, &t, 3, Duration::from_secs(20)), 3, "{mode:?}: three exits held");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(unreported(&e, &t), 3, "{mode:?}: the three exits are still held (batch not full, hold 60 s)");
+        // The fourth fills the batch: all four are reported, and the pool is whole.
+        hellos(&e, &t, 1, mode);
+        assert_eq!(wait_unreported(&e, &t, 0, Duration::from_secs(20)), 0, "{mode:?}: the full batch was reported");
+        wait_idle(&e, &t, 8);
+        assert_eq!(wait_live(&e, 8), 8, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_report_that_may_not_wait_takes_the_held_ones_with_it() {
+    for mode in modes() {
+        let e = one_shard(mode, 4, Duration::from_secs(60));
+        let t = load(&e, "hello_world", 8);
+        wait_idle(&e, &t, 8);
+        hellos(&e, &t, 2, mode);
+        assert_eq!(wait_unreported(&e, &t, 2, Duration::from_secs(20)), 2, "{mode:?}: two exits held");
+        // A worker that exits with status 3 is reported at once, and the two held
+        // reports go with it.
+        let bad = load(&e, "exit_nonzero", 1);
+        wait_idle(&e, &bad, 1);
+        let err = e.execute::<_, SampleResponse>(&bad, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+        assert!(err.message().contains("status 3"), "{mode:?}: {err}");
+        wait_idle(&e, &bad, 1);
+        wait_idle(&e, &t, 8);
+        // Live: the 8 of `t` and the 1 of `bad`, nothing held.
+        assert_eq!(wait_live(&e, 9), 9, "{mode:?}: the held reports went with the failed worker's");
+    }
+}
+
+#[test]
+fn a_held_report_is_sent_when_its_hold_runs_out() {
+    for mode in modes() {
+        let e = one_shard(mode, 4, Duration::from_millis(200));
+        let t = load(&e, "hello_world", 8);
+        wait_idle(&e, &t, 8);
+        hellos(&e, &t, 1, mode);
+        // Never a full batch: only the hold sends it.
+        assert_eq!(wait_unreported(&e, &t, 0, Duration::from_secs(20)), 0, "{mode:?}: reported after its hold");
+        assert_eq!(wait_live(&e, 8), 8, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_small_pool_holds_nothing() {
+    for mode in modes() {
+        // 3 workers: half the pool is 1, below a batch of 2: every report at once,
+        // even with a hold of a minute.
+        let e = one_shard(mode, 4, Duration::from_secs(60));
+        let t = load(&e, "hello_world", 3);
+        wait_idle(&e, &t, 3);
+        hellos(&e, &t, 3, mode);
+        assert_eq!(wait_unreported(&e, &t, 0, Duration::from_secs(20)), 0, "{mode:?}: nothing held");
+        assert_eq!(wait_live(&e, 3), 3, "{mode:?}");
+    }
+}
