@@ -48,3 +48,36 @@ fn workers_run_on_their_engine_threads_core() {
         assert!(total >= 1, "no worker found under the runner threads: {threads:?}");
     }
 }
+
+/// Field 41 of `/proc/.../stat` (the scheduling policy) and field 19 (nice) of the
+/// task whose `status` path is given.
+fn policy_and_nice(status_path: &str) -> Option<(u32, i32)> {
+    let stat = std::fs::read_to_string(status_path.replace("/status", "/stat")).ok()?;
+    // Fields after the parenthesised command name, which may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3.
+    Some((fields.get(41 - 3)?.parse().ok()?, fields.get(19 - 3)?.parse().ok()?))
+}
+
+/// `minimal` mode: the runner's connection threads and every worker run as
+/// SCHED_BATCH at nice 10, so none of them preempts an engine thread on wake-up.
+#[test]
+fn connection_threads_and_workers_run_as_sched_batch_at_nice_10() {
+    let e = Engine::new(Config { mode: roma_byob::Mode::Minimal, ..Default::default() }).unwrap();
+    let t = load(&e, "hello_world", 4);
+    assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
+    let threads = runner_threads(e.sandbox_pid(), 4, policy_and_nice);
+    let conns: Vec<_> = threads.iter().filter(|(name, _, _)| name.starts_with("conn-")).collect();
+    assert!(!conns.is_empty(), "no connection thread: {threads:?}");
+    let batch = (libc::SCHED_BATCH as u32, 10);
+    for (name, sched, workers) in &conns {
+        assert_eq!(*sched, Some(batch), "{name}: (policy, nice)");
+        assert!(workers.iter().all(|w| *w == batch), "{name}'s workers: {workers:?}");
+    }
+    let total: usize = conns.iter().map(|(_, _, w)| w.len()).sum();
+    assert!(total >= 1, "no worker found under the runner threads: {threads:?}");
+    // The runner's main thread (the reaper) keeps the normal policy.
+    let main = threads.iter().find(|(name, _, _)| !name.starts_with("conn-")).expect("the runner's main thread");
+    assert_eq!(main.1.map(|(policy, _)| policy), Some(libc::SCHED_OTHER as u32), "{main:?}");
+}

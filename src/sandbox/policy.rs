@@ -129,6 +129,7 @@ x86_64_syscalls! {
     SYS_getpriority = 140,
     SYS_setpriority = 141,
     SYS_sched_getparam = 143,
+    SYS_sched_setscheduler = 144,
     SYS_sched_getscheduler = 145,
     SYS_vhangup = 153,
     SYS_pivot_root = 155,
@@ -482,7 +483,9 @@ pub fn untrusted_worker_allowlist() -> Filter {
 /// makes in minimal mode (`socketpair`), child management
 /// (`wait4` — glibc's `waitpid` —, `kill`, `signalfd4`), the worker set-up steps
 /// between `clone` and `execveat` (`close_range`, `prctl`, `capset`, `seccomp`;
-/// glibc's `setrlimit` is `prlimit64`), pinning its connection threads (`sched_setaffinity`) and, in
+/// glibc's `setrlimit` is `prlimit64`), pinning its connection threads
+/// (`sched_setaffinity`), lowering their priority (`setpriority`,
+/// `sched_setscheduler` to SCHED_BATCH) and, in
 /// gVisor mode, `memfd_create` for binary copies. None of them is allowed to
 /// workers.
 pub const RUNNER_EXTRA: &[libc::c_long] = &[
@@ -499,6 +502,7 @@ pub const RUNNER_EXTRA: &[libc::c_long] = &[
     SYS_memfd_create,
     SYS_sched_setaffinity,
     SYS_setpriority,
+    SYS_sched_setscheduler,
 ];
 
 /// Level `untrusted`, installed by the runner on itself once: the worker
