@@ -156,8 +156,8 @@ struct Held {
 }
 
 impl Held {
-    fn hold(&mut self, worker_id: u64, status: i32, w: &mut Worker, now: std::time::Instant) {
-        Shared::exited(worker_id, status, &mut self.bytes);
+    fn hold(&mut self, w: &mut Worker, status: i32, now: std::time::Instant) {
+        Shared::exited(w.worker_id, status, &mut self.bytes);
         let batch = w.exit_batch as usize;
         self.batch = if self.count == 0 { batch } else { self.batch.min(batch) };
         self.count += 1;
@@ -556,7 +556,7 @@ fn reap(shared: &Shared, held: &mut [Held]) -> Vec<OwnedFd> {
                     tables.by_worker.remove(&(w.conn, w.worker_id));
                     let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
                     if w.exit_batch > 0 && clean && !w.awaited {
-                        held[w.conn].hold(w.worker_id, status, &mut w, now);
+                        held[w.conn].hold(&mut w, status, now);
                     } else {
                         Shared::exited(w.worker_id, status, &mut batches[w.conn]);
                         host_ends.extend(w.host_end);
