@@ -16,14 +16,19 @@ use common::*;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{CodeToken, Config, Engine, Mode};
 
-fn one_shard(mode: Mode, batch: usize, hold: Duration) -> Engine {
+/// An engine with one engine thread (batches of up to 4 held reports, held at most
+/// `hold`) and `hello_world` loaded with `workers` workers, all ready.
+fn one_shard(mode: Mode, hold: Duration, workers: usize) -> (Engine, CodeToken) {
     let first = cpus_allowed("/proc/self/status")
         .split(['-', ','])
         .next()
         .and_then(|c| c.parse::<usize>().ok())
         .expect("an allowed core");
-    let config = Config { mode, cores: vec![first], exit_report_batch: batch, exit_report_hold: hold, ..Default::default() };
-    Engine::new(config).unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"))
+    let config = Config { mode, cores: vec![first], exit_report_batch: 4, exit_report_hold: hold, ..Default::default() };
+    let e = Engine::new(config).unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"));
+    let t = load(&e, "hello_world", workers);
+    wait_idle(&e, &t, workers);
+    (e, t)
 }
 
 /// Workers started whose exit the engine has not learnt, beyond the idle ones.
@@ -54,9 +59,7 @@ fn hellos(e: &Engine, t: &CodeToken, n: usize, mode: Mode) {
 fn clean_exits_are_held_until_the_batch_is_full() {
     for mode in modes() {
         // 8 workers on the one shard: batches of 4 (at most half the pool).
-        let e = one_shard(mode, 4, Duration::from_secs(60));
-        let t = load(&e, "hello_world", 8);
-        wait_idle(&e, &t, 8);
+        let (e, t) = one_shard(mode, Duration::from_secs(60), 8);
         assert_eq!(wait_live(&e, 8), 8, "{mode:?}");
         hellos(&e, &t, 3, mode);
         assert_eq!(wait_unreported(&e, &t, 3, Duration::from_secs(20)), 3, "{mode:?}: three exits held");
@@ -73,9 +76,7 @@ fn clean_exits_are_held_until_the_batch_is_full() {
 #[test]
 fn a_report_that_may_not_wait_takes_the_held_ones_with_it() {
     for mode in modes() {
-        let e = one_shard(mode, 4, Duration::from_secs(60));
-        let t = load(&e, "hello_world", 8);
-        wait_idle(&e, &t, 8);
+        let (e, t) = one_shard(mode, Duration::from_secs(60), 8);
         hellos(&e, &t, 2, mode);
         assert_eq!(wait_unreported(&e, &t, 2, Duration::from_secs(20)), 2, "{mode:?}: two exits held");
         // A worker that exits with status 3 is reported at once, and the two held
@@ -94,9 +95,7 @@ fn a_report_that_may_not_wait_takes_the_held_ones_with_it() {
 #[test]
 fn a_held_report_is_sent_when_its_hold_runs_out() {
     for mode in modes() {
-        let e = one_shard(mode, 4, Duration::from_millis(200));
-        let t = load(&e, "hello_world", 8);
-        wait_idle(&e, &t, 8);
+        let (e, t) = one_shard(mode, Duration::from_millis(200), 8);
         hellos(&e, &t, 1, mode);
         // Never a full batch: only the hold sends it.
         assert_eq!(wait_unreported(&e, &t, 0, Duration::from_secs(20)), 0, "{mode:?}: reported after its hold");
@@ -109,9 +108,7 @@ fn a_small_pool_holds_nothing() {
     for mode in modes() {
         // 3 workers: half the pool is 1, below a batch of 2: every report at once,
         // even with a hold of a minute.
-        let e = one_shard(mode, 4, Duration::from_secs(60));
-        let t = load(&e, "hello_world", 3);
-        wait_idle(&e, &t, 3);
+        let (e, t) = one_shard(mode, Duration::from_secs(60), 3);
         hellos(&e, &t, 3, mode);
         assert_eq!(wait_unreported(&e, &t, 0, Duration::from_secs(20)), 0, "{mode:?}: nothing held");
         assert_eq!(wait_live(&e, 3), 3, "{mode:?}");

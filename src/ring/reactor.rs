@@ -1558,16 +1558,8 @@ impl Reactor {
     fn note_idle_exits(&mut self, msgs: &[runner_to_host::Msg]) {
         let mut any = false;
         for msg in msgs {
-            let runner_to_host::Msg::Exited(e) = msg else { continue };
-            let Some(&key) = self.by_worker_id.get(&e.worker_id) else { continue };
-            let Some(w) = self.worker(key) else { continue };
-            if let Some((region, _)) = w.shm.as_ref() {
-                // As in `on_runner_msg`: reaped, so its region may be wiped and reused.
-                region.mark_reaped();
-            }
-            if w.state == WState::Idle {
-                w.exited = Some(e.wait_status);
-                any = true;
+            if let runner_to_host::Msg::Exited(e) = msg {
+                any |= self.note_exit(e.worker_id, e.wait_status);
             }
         }
         if any {
@@ -1575,20 +1567,30 @@ impl Reactor {
         }
     }
 
+    /// Worker `worker_id` was reaped: its shared-memory region may be wiped and
+    /// reused (its PID namespace is gone too). If it is idle to the shard, its exit
+    /// is recorded and true returned: the commands must be drained next (see
+    /// `note_idle_exits`).
+    fn note_exit(&mut self, worker_id: u64, status: i32) -> bool {
+        let Some(&key) = self.by_worker_id.get(&worker_id) else { return false };
+        let Some(w) = self.worker(key) else { return false };
+        if let Some((region, _)) = w.shm.as_ref() {
+            region.mark_reaped();
+        }
+        if w.state != WState::Idle {
+            return false;
+        }
+        w.exited = Some(status);
+        true
+    }
+
     fn on_runner_msg(&mut self, msg: runner_to_host::Msg) {
         match msg {
             runner_to_host::Msg::Exited(e) => {
                 let Some(&key) = self.by_worker_id.get(&e.worker_id) else { return };
-                let Some(w) = self.worker(key) else { return };
-                if let Some((region, _)) = w.shm.as_ref() {
-                    // Reaped, and its PID namespace with it: its region may be
-                    // wiped and reused.
-                    region.mark_reaped();
-                }
-                if w.state == WState::Idle {
-                    // Idle still after `note_idle_exits` (or not reported through
-                    // `on_ctl_recv`): as there.
-                    w.exited = Some(e.wait_status);
+                // Idle still after `note_idle_exits` (or not reported through
+                // `on_ctl_recv`): as there.
+                if self.note_exit(e.worker_id, e.wait_status) {
                     self.drain_commands();
                 }
                 if self.by_worker_id.get(&e.worker_id) == Some(&key) {
