@@ -202,7 +202,10 @@ pub struct Config {
     /// (`Engine::live_workers` counts it meanwhile): the slot is refilled when its
     /// execution completes. Below 2: every report is sent at once.
     pub exit_report_batch: usize,
-    /// Longest a report is held back (see `exit_report_batch`).
+    /// Longest a report is held back (see `exit_report_batch`). An execution whose
+    /// UDF exits with status 0 without answering fails when that report arrives, so
+    /// up to this much later; a worker that closed its channel is given this much
+    /// longer to exit before it is killed.
     pub exit_report_hold: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically

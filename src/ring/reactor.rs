@@ -204,7 +204,8 @@ const CALLER_RECHECK: Duration = Duration::from_millis(1);
 
 /// How long a worker that closed its channel (before its request, or before its
 /// response) may take to exit before it is killed. A crash closes the channel a
-/// moment before the runner reports the exit, which names the cause.
+/// moment before the runner reports the exit, which names the cause. (Plus
+/// `Config::exit_report_hold`: a clean exit's report may be held back that long.)
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct Reactor {
@@ -1806,7 +1807,9 @@ impl Reactor {
             }
             if state != WState::Finished && w_exited.is_none() {
                 // Unless the worker keeps running without its channel: see ExitBy.
-                self.timers.push(Reverse((Instant::now() + EXIT_GRACE, Timer::ExitBy(key, w_gen))));
+                // A clean exit's report may be held back up to `exit_report_hold`.
+                let by = Instant::now() + EXIT_GRACE + self.config.exit_report_hold;
+                self.timers.push(Reverse((by, Timer::ExitBy(key, w_gen))));
             }
             // The state (Spawning/Idle/Busy) stays for on_worker_exit to judge; if
             // the exit report came first, judge now.
