@@ -147,3 +147,29 @@ fn a_small_pool_holds_nothing() {
         assert_eq!(wait_live(&e, 3), 3, "{mode:?}");
     }
 }
+
+#[test]
+fn a_clean_exit_without_an_answer_fails_its_execution_once_its_report_arrives() {
+    for mode in modes() {
+        // 8 workers (batches of 4), held at most 800 ms, longer than the 500 ms a
+        // worker that closed its channel otherwise has to exit: the execution waits
+        // for the held report and fails with the exit's own story, not a kill.
+        let first = cpus_allowed("/proc/self/status").split(['-', ',']).next().and_then(|c| c.parse::<usize>().ok()).unwrap();
+        let config = Config {
+            mode,
+            cores: vec![first],
+            exit_report_batch: 4,
+            exit_report_hold: Duration::from_millis(800),
+            ..Default::default()
+        };
+        let e = Engine::new(config).unwrap();
+        let t = load(&e, "exit_zero_unanswered", 8);
+        wait_idle(&e, &t, 8);
+        for i in 0..2 {
+            let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
+            assert_eq!(err.code(), roma_byob::Code::Unavailable, "{mode:?}, execution {i}: {err}");
+            assert!(err.message().contains("exited with status 0"), "{mode:?}, execution {i}: {err}");
+        }
+        assert_eq!(wait_live(&e, 8), 8, "{mode:?}");
+    }
+}
