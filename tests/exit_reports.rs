@@ -19,6 +19,11 @@ use roma_byob::{CodeToken, Config, Engine, Mode};
 /// An engine with one engine thread (batches of up to 4 held reports, held at most
 /// `hold`) and `hello_world` loaded with `workers` workers, all ready.
 fn one_shard(mode: Mode, hold: Duration, workers: usize) -> (Engine, CodeToken) {
+    one_shard_with(mode, hold, "hello_world", workers)
+}
+
+/// As [`one_shard`], with sample `name`.
+fn one_shard_with(mode: Mode, hold: Duration, name: &str, workers: usize) -> (Engine, CodeToken) {
     let first = cpus_allowed("/proc/self/status")
         .split(['-', ','])
         .next()
@@ -26,7 +31,7 @@ fn one_shard(mode: Mode, hold: Duration, workers: usize) -> (Engine, CodeToken) 
         .expect("an allowed core");
     let config = Config { mode, cores: vec![first], exit_report_batch: 4, exit_report_hold: hold, ..Default::default() };
     let e = Engine::new(config).unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"));
-    let t = load(&e, "hello_world", workers);
+    let t = load(&e, name, workers);
     wait_idle(&e, &t, workers);
     (e, t)
 }
@@ -154,17 +159,7 @@ fn a_clean_exit_without_an_answer_fails_its_execution_once_its_report_arrives() 
         // 8 workers (batches of 4), held at most 800 ms, longer than the 500 ms a
         // worker that closed its channel otherwise has to exit: the execution waits
         // for the held report and fails with the exit's own story, not a kill.
-        let first = cpus_allowed("/proc/self/status").split(['-', ',']).next().and_then(|c| c.parse::<usize>().ok()).unwrap();
-        let config = Config {
-            mode,
-            cores: vec![first],
-            exit_report_batch: 4,
-            exit_report_hold: Duration::from_millis(800),
-            ..Default::default()
-        };
-        let e = Engine::new(config).unwrap();
-        let t = load(&e, "exit_zero_unanswered", 8);
-        wait_idle(&e, &t, 8);
+        let (e, t) = one_shard_with(mode, Duration::from_millis(800), "exit_zero_unanswered", 8);
         for i in 0..2 {
             let err = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap().wait().unwrap_err();
             assert_eq!(err.code(), roma_byob::Code::Unavailable, "{mode:?}, execution {i}: {err}");
