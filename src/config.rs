@@ -198,9 +198,10 @@ pub struct Config {
     /// half its share of a code token's pool this way (a pool of 10 on two shards:
     /// batches of 2), never for logging or shared-memory tokens (their exit
     /// completes an execution), and never a failed or killed worker's report.
-    /// A held report delays only the freeing of the worker's record and channel
-    /// (`Engine::live_workers` counts it meanwhile): the slot is refilled when its
-    /// execution completes. Below 2: every report is sent at once.
+    /// Meanwhile the worker's record and channel stay (`Engine::live_workers`
+    /// counts it), and a caller-read execution's follow-up (its slot's refill)
+    /// waits for the engine thread's next wake-up: the batch, or a request that
+    /// finds no ready worker. Below 2: every report is sent at once.
     pub exit_report_batch: usize,
     /// Longest a report is held back (see `exit_report_batch`). An execution whose
     /// UDF exits with status 0 without answering fails when that report arrives, so
