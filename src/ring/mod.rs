@@ -8,6 +8,7 @@ mod ctl;
 pub(crate) mod direct;
 mod reactor;
 mod ready;
+mod timers;
 
 pub(crate) use ready::{take_ready_byte, Offer, ReadyWorkers};
 

@@ -3,8 +3,7 @@
 //! eventfd. All state lives on this thread; every execution completes exactly once
 //! because its sink is `take`n on completion.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -17,6 +16,7 @@ use prost::Message;
 use super::bufring::BufRing;
 use super::ctl::CtlOut;
 use super::direct::{self, Handoff, Peeked, Taken};
+use super::timers::Timers;
 use super::{Cmd, ExecRequest, Offer, Readiness, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
 use crate::ipc::control::{
@@ -38,7 +38,13 @@ const K_W_SEND: u64 = 5;
 const K_W_REPLY: u64 = 6;
 const K_CLOSE: u64 = 7;
 
+/// The shard's tables keyed by its own ids (code tokens, workers, executions):
+/// hashed with foldhash, not SipHash (no key comes from outside the process).
+type IdMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
 const RECV_CHUNK: usize = 4096;
+/// Freed receive buffers a shard keeps for reuse (see `Reactor::keep_spare`).
+const SPARE_BUFS: usize = 64;
 /// Shared-memory responses at least this large are not copied: the caller gets them
 /// straight out of the region once the worker has exited (see `ResponseBody`).
 /// Smaller ones are copied out at once: a copy into heap memory the allocator
@@ -242,17 +248,21 @@ pub(super) struct Reactor {
     ctl_out: CtlOut,
     runner_dead: bool,
     event_buf: Box<u64>,
-    tokens: HashMap<u64, TokenState>,
+    tokens: IdMap<TokenState>,
     workers: Vec<Option<WorkerConn>>,
     free: Vec<u32>,
-    by_worker_id: HashMap<u64, u32>,
+    by_worker_id: IdMap<u32>,
     next_worker_id: u64,
     next_gen: u32,
-    execs: HashMap<u64, ExecState>,
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    execs: IdMap<ExecState>,
+    timers: Timers<Timer>,
     pending_sqes: Vec<squeue::Entry>,
     /// Commands being handled (reused buffer).
     cmd_buf: Vec<Cmd>,
+    /// Freed workers' receive buffers, for the next ones (see `keep_spare`).
+    spare_bufs: Vec<Vec<u8>>,
+    /// Completions being handled (reused buffer).
+    cqe_buf: Vec<cqueue::Entry>,
     /// A waiting caller was handed its result since the last loop round.
     woke_waiter: bool,
     /// Code tokens with a slot to refill.
@@ -340,16 +350,18 @@ impl Reactor {
             ctl_out: CtlOut::default(),
             runner_dead: false,
             event_buf: Box::new(0),
-            tokens: HashMap::new(),
+            tokens: IdMap::default(),
             workers: Vec::new(),
             free: Vec::new(),
-            by_worker_id: HashMap::new(),
+            by_worker_id: IdMap::default(),
             next_worker_id: 1,
             next_gen: 1,
-            execs: HashMap::new(),
-            timers: BinaryHeap::new(),
+            execs: IdMap::default(),
+            timers: Timers::default(),
             pending_sqes: Vec::new(),
             cmd_buf: Vec::new(),
+            spare_bufs: Vec::new(),
+            cqe_buf: Vec::new(),
             woke_waiter: false,
             refills: Vec::new(),
             in_kernel: 0,
@@ -510,7 +522,7 @@ impl Reactor {
     /// the latest `IDLE_WAKE` from now.
     fn wake_time(&self) -> Instant {
         let idle = Instant::now() + IDLE_WAKE;
-        self.timers.peek().map_or(idle, |Reverse((at, _))| (*at).min(idle))
+        self.timers.next_due().map_or(idle, |at| at.min(idle))
     }
 
     /// Handles every queued command. Also called before the shard acts on anything
@@ -539,12 +551,14 @@ impl Reactor {
     }
 
     fn reap_cqes(&mut self) {
-        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        let mut cqes = std::mem::take(&mut self.cqe_buf);
+        cqes.extend(self.ring.completion());
         let counted = cqes.iter().filter(|c| counts_in_kernel(c.user_data())).count();
         self.in_kernel -= counted.min(self.in_kernel);
-        for cqe in cqes {
+        for cqe in cqes.drain(..) {
             self.handle_cqe(cqe.user_data(), cqe.result(), cqe.flags());
         }
+        self.cqe_buf = cqes;
     }
 
     /// Cancels every operation still in the kernel and waits for their completions,
@@ -793,7 +807,7 @@ impl Reactor {
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.queue.push_back(id);
                 }
-                self.timers.push(Reverse((deadline, Timer::WorkerWait(id))));
+                self.timers.push(deadline, worker_wait_timeout, Timer::WorkerWait(id));
             }
         }
     }
@@ -968,7 +982,9 @@ impl Reactor {
             gen,
             fd: Some(Arc::new(host_end)),
             state: WState::Spawning,
-            buf: vec![0u8; RECV_CHUNK],
+            // Taken from `spare_bufs` when the shard first reads from it: a worker
+            // whose caller reads the response never needs one.
+            buf: Vec::new(),
             filled: 0,
             body_buf: None,
             body_filled: 0,
@@ -998,7 +1014,7 @@ impl Reactor {
         self.by_worker_id.insert(worker_id, key);
         self.shared.live_workers.fetch_add(1, Ordering::Relaxed);
         let start_by = super::deadline_after(Instant::now(), self.config.worker_start_timeout);
-        self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
+        self.timers.push(start_by, self.config.worker_start_timeout, Timer::StartBy(key, gen));
         let lazy = self.config.lazy_readiness
             && self.execs.is_empty()
             && self.tokens.get(&token).is_some_and(|t| {
@@ -1044,7 +1060,7 @@ impl Reactor {
         self.post_worker_recv(key, 1, true);
         // Its spawn's start deadline may have passed while it was offered.
         let start_by = super::deadline_after(Instant::now(), self.config.worker_start_timeout);
-        self.timers.push(Reverse((start_by, Timer::StartBy(key, gen))));
+        self.timers.push(start_by, self.config.worker_start_timeout, Timer::StartBy(key, gen));
     }
 
     /// What follows a worker's channel in its spawn order, pushed onto `fds`: the
@@ -1155,7 +1171,12 @@ impl Reactor {
     /// so the kernel arms the poll at once instead of first trying a read that
     /// would fail (IORING_RECVSEND_POLL_FIRST).
     fn post_worker_recv(&mut self, key: u32, len: usize, expect_wait: bool) {
+        let unbuffered = self.workers.get(key as usize).and_then(|w| w.as_ref()).is_some_and(|w| w.buf.capacity() == 0);
+        let spare = if unbuffered { self.spare_bufs.pop() } else { None };
         let Some(w) = self.worker(key) else { return };
+        if let Some(buf) = spare {
+            w.buf = buf;
+        }
         let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
         if w.buf.len() < w.filled + len {
             w.buf.resize(w.filled + len, 0);
@@ -1206,7 +1227,7 @@ impl Reactor {
         // A handed-over execution's clock started when the caller claimed the worker
         // (the shard may learn of it later).
         let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
-        self.timers.push(Reverse((deadline, Timer::Deadline(exec_id, key, gen))));
+        self.timers.push(deadline, exec.timeout, Timer::Deadline(exec_id, key, gen));
         match exec.handoff.as_mut() {
             // The caller may read the answer: nothing is posted until the shard takes
             // the execution over.
@@ -1347,7 +1368,9 @@ impl Reactor {
             if let Some(fd) = w.fd.take() {
                 self.close_shared(fd);
             }
-            self.workers[key as usize] = None;
+            if let Some(w) = self.workers[key as usize].take() {
+                self.keep_spare(w.buf);
+            }
             self.by_worker_id.remove(&worker_id);
             self.free.push(key);
             self.shared.live_workers.fetch_sub(1, Ordering::Relaxed);
@@ -1357,6 +1380,16 @@ impl Reactor {
             if let Some(fd) = w.fd.take() {
                 self.close_shared(fd);
             }
+        }
+    }
+
+    /// Keeps a freed worker's receive buffer for the next worker the shard reads
+    /// from (no allocation, no free per worker), unless enough are kept or it grew
+    /// large. Only buffers no operation in the kernel points into come here.
+    fn keep_spare(&mut self, mut buf: Vec<u8>) {
+        if (RECV_CHUNK..=4 * RECV_CHUNK).contains(&buf.capacity()) && self.spare_bufs.len() < SPARE_BUFS {
+            buf.clear();
+            self.spare_bufs.push(buf);
         }
     }
 
@@ -1402,7 +1435,7 @@ impl Reactor {
         let at = Instant::now() + backoff;
         t.respawn_at = Some(at);
         let victim = t.queue.pop_front();
-        self.timers.push(Reverse((at, Timer::Respawn(token))));
+        self.timers.push(at, backoff, Timer::Respawn(token));
         if let Some(id) = victim {
             self.complete(id, Err(Error::Unavailable(why.to_string())));
         }
@@ -1686,7 +1719,7 @@ impl Reactor {
             // `CallerDone` wakes nobody: the shard looks again shortly, so that the
             // slot refills), or gives the execution back (`TakeOver`).
             Taken::FromCaller => {
-                self.timers.push(Reverse((Instant::now() + CALLER_RECHECK, Timer::CallerRead(id))));
+                self.timers.push(Instant::now() + CALLER_RECHECK, CALLER_RECHECK, Timer::CallerRead(id));
                 true
             }
             Taken::CallerDone => {
@@ -1808,8 +1841,8 @@ impl Reactor {
             if state != WState::Finished && w_exited.is_none() {
                 // Unless the worker keeps running without its channel: see ExitBy.
                 // A clean exit's report may be held back up to `exit_report_hold`.
-                let by = Instant::now() + EXIT_GRACE + self.config.exit_report_hold;
-                self.timers.push(Reverse((by, Timer::ExitBy(key, w_gen))));
+                let grace = EXIT_GRACE + self.config.exit_report_hold;
+                self.timers.push(Instant::now() + grace, grace, Timer::ExitBy(key, w_gen));
             }
             // The state (Spawning/Idle/Busy) stays for on_worker_exit to judge; if
             // the exit report came first, judge now.
@@ -2235,11 +2268,7 @@ impl Reactor {
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::WorkerWait(id) => {
                     let Some(e) = self.execs.get(&id) else { continue };
@@ -2315,7 +2344,7 @@ impl Reactor {
                         self.finish_caller_read(id);
                     } else if !e.engine_reads {
                         // Still reading (or its `TakeOver` is queued): look again.
-                        self.timers.push(Reverse((now + CALLER_RECHECK, Timer::CallerRead(id))));
+                        self.timers.push(now + CALLER_RECHECK, CALLER_RECHECK, Timer::CallerRead(id));
                     }
                 }
                 Timer::Respawn(token) => {
