@@ -195,13 +195,17 @@ pub struct Config {
     /// exited cleanly, and send up to this many in one message, so the engine
     /// thread wakes once for several executions instead of once each (in
     /// sequential traffic that report is its only wake-up). A shard holds at most
-    /// half its share of a code token's pool this way (a pool of 10 on two shards:
-    /// batches of 2), never for logging or shared-memory tokens (their exit
-    /// completes an execution), and never a failed or killed worker's report.
-    /// Meanwhile the worker's record and channel stay (`Engine::live_workers`
-    /// counts it), and a caller-read execution's follow-up (its slot's refill)
-    /// waits for the engine thread's next wake-up: the batch, or a request that
-    /// finds no ready worker. Below 2: every report is sent at once.
+    /// its share of a code token's pool less one this way (a pool of 10 on two
+    /// shards: batches of 4), never for logging or shared-memory tokens (their
+    /// exit completes an execution), and never a failed or killed worker's
+    /// report. Meanwhile the worker's record and channel stay
+    /// (`Engine::live_workers` counts it), and a caller-read execution's
+    /// follow-up (its slot's refill) waits for the engine thread's next wake-up:
+    /// the batch, or a request that finds no ready worker. So a burst that comes
+    /// while a batch is held finds as few as one worker of the shard's share
+    /// ready, and the rest of the burst waits for fresh workers: where bursts
+    /// matter more than the engine thread's CPU, lower this (2 keeps more of the
+    /// pool ready). Below 2: every report is sent at once.
     pub exit_report_batch: usize,
     /// Longest a report is held back (see `exit_report_batch`). An execution whose
     /// UDF exits with status 0 without answering fails when that report arrives, so

@@ -190,7 +190,7 @@ impl Engine {
     /// Worker processes started and not yet reported exited, over all engine
     /// threads: idle and busy workers, and those that answered and have not exited
     /// yet, and those whose clean exit report the sandbox holds back
-    /// (`Config::exit_report_batch`, at most half a shard's pool, for at most
+    /// (`Config::exit_report_batch`, at most a shard's pool less one, for at most
     /// `Config::exit_report_hold`). A worker still running when its execution's
     /// timeout passes is killed, so this stays near the pools' size whatever the UDF
     /// does.

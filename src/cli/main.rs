@@ -95,8 +95,8 @@ pub struct EngineArgs {
     /// killed and counted as a start-up failure (Config::worker_start_timeout).
     #[arg(long, default_value_t = 10_000)]
     worker_start_timeout_ms: u64,
-    /// Clean exit reports the sandbox may hold back and send together, at most half
-    /// a shard's pool (Config::exit_report_batch; below 2 = each at once).
+    /// Clean exit reports the sandbox may hold back and send together, at most a
+    /// shard's pool less one (Config::exit_report_batch; below 2 = each at once).
     #[arg(long, default_value_t = 4)]
     exit_report_batch: usize,
     /// Longest a held exit report waits, in µs (Config::exit_report_hold).

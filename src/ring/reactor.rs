@@ -935,9 +935,10 @@ impl Reactor {
     fn spawn_worker(&mut self, token: u64) -> std::io::Result<bool> {
         let Some(t) = self.tokens.get(&token) else { return Ok(true) };
         let (log, shm_size) = (t.entry.log, t.entry.shm);
-        // At most half the shard's slots may wait for a held exit report: the rest
-        // of the pool is there meanwhile.
-        let exit_batch = self.config.exit_report_batch.min(t.slots / 2);
+        // All but one of the shard's slots may wait for a held exit report: one
+        // worker stays offered meanwhile, and a request beyond it wakes the shard,
+        // which refills at once.
+        let exit_batch = self.config.exit_report_batch.min(t.slots.saturating_sub(1));
         let exit_batch = if exit_batch >= 2 && !log && shm_size.is_none() { exit_batch as u32 } else { 0 };
         // The channel first, so that an empty stock costs nothing more. With a runner
         // pidfd it comes from the runner's stock (see `on_channels`); otherwise it is
