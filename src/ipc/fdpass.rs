@@ -117,13 +117,25 @@ pub fn recv_with_fds_flags(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, 
 /// time the peer reads what this socket sent: the socket's wait queue carries
 /// both directions' wake-ups, and poll filters them by event.
 pub fn wait_readable(sock: RawFd) -> io::Result<()> {
+    wait_readable_for(sock, None).map(|_| ())
+}
+
+/// As [`wait_readable`], for at most `timeout` (`None`: no limit): false if the
+/// time ran out first.
+pub fn wait_readable_for(sock: RawFd, timeout: Option<std::time::Duration>) -> io::Result<bool> {
     loop {
         let mut pfd = libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 };
-        let args = [&mut pfd as *mut libc::pollfd as usize, 1, 0, 0, 0];
-        // SAFETY: one valid pollfd for the call's duration; no timeout, no sigmask.
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: t.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        let args = [&mut pfd as *mut libc::pollfd as usize, 1, ts_ptr as usize, 0, 0];
+        // SAFETY: one valid pollfd and (if any) one valid timespec for the call's
+        // duration; no sigmask.
         let n = unsafe { gate::syscall(libc::SYS_ppoll, args) };
         if n >= 0 {
-            return Ok(());
+            return Ok(n > 0);
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

@@ -233,8 +233,9 @@ pub(super) struct Reactor {
     runner: Option<Arc<OwnedFd>>,
     /// Channels the runner made, taken and not used yet: (id, host end).
     channel_stock: Vec<(u64, OwnedFd)>,
-    /// A `MakeChannels` order is on its way.
-    channels_requested: bool,
+    /// A `MakeChannels` order is on its way: `Some(true)` if its report was
+    /// asked for at once, `Some(false)` if it may wait (see `request_channels`).
+    channels_requested: Option<bool>,
     /// Code tokens whose slots wait for channels.
     awaiting_channels: Vec<u64>,
     /// Set when the sandbox cannot come back: every execution fails with it.
@@ -341,7 +342,7 @@ impl Reactor {
             pending_reconnect: None,
             runner,
             channel_stock: Vec::new(),
-            channels_requested: false,
+            channels_requested: None,
             awaiting_channels: Vec::new(),
             runner_fatal: None,
             ctl_bufs,
@@ -410,7 +411,7 @@ impl Reactor {
     pub(super) fn run(&mut self) -> bool {
         self.post_eventfd_read();
         self.post_ctl_recv();
-        self.request_channels();
+        self.request_channels(true);
         loop {
             self.drain_commands();
             if self.shutting_down {
@@ -669,8 +670,8 @@ impl Reactor {
         // (queued on the fresh control queue, before the loads and spawns below).
         self.runner = runner;
         self.channel_stock.clear();
-        self.channels_requested = false;
-        self.request_channels();
+        self.channels_requested = None;
+        self.request_channels(true);
         let entries: Vec<Arc<TokenEntry>> = self.tokens.values().map(|t| t.entry.clone()).collect();
         for entry in entries {
             self.send_load(&entry);
@@ -946,11 +947,14 @@ impl Reactor {
         let mut fds = Vec::new();
         let (channel, host_end) = if self.runner.is_some() {
             if self.channel_stock.len() <= CHANNEL_LOW_WATER {
-                self.request_channels();
+                self.request_channels(false);
             }
             match self.channel_stock.pop() {
                 Some((id, host)) => (id, host),
-                None => return Ok(false),
+                None => {
+                    self.request_channels(true);
+                    return Ok(false);
+                }
             }
         } else {
             let (host, runner_end) = fdpass::stream_pair()?;
@@ -1088,12 +1092,25 @@ impl Reactor {
         Ok((logs, shm))
     }
 
-    /// Asks the runner for a batch of channels unless one is on its way.
-    fn request_channels(&mut self) {
-        if self.runner.is_some() && !self.channels_requested && !self.runner_dead {
-            self.channels_requested = true;
-            self.ctl_out.push(host_to_runner::Msg::MakeChannels(MakeChannels { count: CHANNEL_BATCH }), Vec::new());
+    /// Asks the runner for a batch of channels unless one is on its way. Not
+    /// `urgent` (the stock is low, not empty): the runner may hold the report back
+    /// for up to `Config::exit_report_hold` and send it with its next message,
+    /// typically a batch of exit reports, which wakes this thread anyway; in
+    /// sequential traffic that spares the wake-up a report of its own cost every
+    /// `CHANNEL_BATCH` executions. `urgent` with a report held back: asks for it
+    /// now (a `MakeChannels` of 0 sends what waits).
+    fn request_channels(&mut self, urgent: bool) {
+        if self.runner.is_none() || self.runner_dead {
+            return;
         }
+        let count = match self.channels_requested {
+            None => CHANNEL_BATCH,
+            Some(false) if urgent => 0,
+            Some(_) => return,
+        };
+        let defer_us = if urgent { 0 } else { u32::try_from(self.config.exit_report_hold.as_micros()).unwrap_or(u32::MAX) };
+        self.channels_requested = Some(urgent);
+        self.ctl_out.push(host_to_runner::Msg::MakeChannels(MakeChannels { count, defer_us }), Vec::new());
     }
 
     /// The runner made channels: take each host end from its descriptor table into
@@ -1103,7 +1120,7 @@ impl Reactor {
     /// are named unused, for the runner to close. If none could be had, this shard
     /// falls back to making channels itself.
     fn on_channels(&mut self, report: Channels) {
-        self.channels_requested = false;
+        self.channels_requested = None;
         let mut taken = ChannelsTaken::default();
         let mut failure = (!report.error.is_empty()).then(|| format!("the runner could not make channels: {}", report.error));
         for ch in report.channels {

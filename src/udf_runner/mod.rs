@@ -195,9 +195,19 @@ struct Shared {
     tables: Mutex<Tables>,
     /// The control connections; closed only when the runner returns.
     conns: Vec<OwnedFd>,
-    /// Per connection: still open? Held while writing, so reports from the main
-    /// thread and from the connection's thread never interleave.
-    open: Vec<Mutex<bool>>,
+    /// Per connection, held while writing, so reports from the main thread and
+    /// from the connection's thread never interleave.
+    out: Vec<Mutex<ConnOut>>,
+}
+
+/// What one connection's writers share.
+struct ConnOut {
+    /// Still open?
+    open: bool,
+    /// A channel report that may wait (`MakeChannels::defer_us`): it goes out
+    /// first with the next write on this connection (typically a batch of exit
+    /// reports), or when its connection thread's deadline for it comes.
+    deferred: Vec<u8>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,13 +215,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Sends encoded frames on connection `idx`; false once it is closed.
+    /// Sends encoded frames on connection `idx`, after any deferred channel
+    /// report; false once it is closed. Empty `bytes`: sends only what is deferred.
     fn send_frames(&self, idx: usize, bytes: &[u8]) -> bool {
-        let mut open = lock(&self.open[idx]);
-        if *open && fdpass::send_with_fds(self.conns[idx].as_raw_fd(), bytes, &[]).is_err() {
-            *open = false;
+        let mut out = lock(&self.out[idx]);
+        let joined;
+        let bytes = if out.deferred.is_empty() {
+            bytes
+        } else {
+            let mut all = std::mem::take(&mut out.deferred);
+            all.extend_from_slice(bytes);
+            joined = all;
+            &joined[..]
+        };
+        if out.open && !bytes.is_empty() && fdpass::send_with_fds(self.conns[idx].as_raw_fd(), bytes, &[]).is_err() {
+            out.open = false;
         }
-        *open
+        out.open
+    }
+
+    /// Keeps encoded frames for the next write on connection `idx` (see
+    /// `ConnOut::deferred`); false once it is closed.
+    fn defer_frames(&self, idx: usize, bytes: &[u8]) -> bool {
+        let mut out = lock(&self.out[idx]);
+        if out.open {
+            out.deferred.extend_from_slice(bytes);
+        }
+        out.open
+    }
+
+    fn close(&self, idx: usize) {
+        let mut out = lock(&self.out[idx]);
+        out.open = false;
+        out.deferred.clear();
     }
 
     fn send(&self, idx: usize, msg: runner_to_host::Msg) -> bool {
@@ -429,7 +465,7 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
     // SAFETY: fresh fds from pipe2, owned here.
     let (done_r, done_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let n = conns.len();
-    let shared = Arc::new(Shared { tables: Mutex::new(Tables::default()), open: (0..n).map(|_| Mutex::new(true)).collect(), conns });
+    let shared = Arc::new(Shared { tables: Mutex::new(Tables::default()), out: (0..n).map(|_| Mutex::new(ConnOut { open: true, deferred: Vec::new() })).collect(), conns });
     let settings = Arc::new(settings);
     let done_w = Arc::new(done_w);
     let mut threads = Vec::with_capacity(n);
@@ -446,7 +482,7 @@ fn serve(conns: Vec<OwnedFd>, settings: Settings) {
             Err(e) => {
                 eprintln!("roma-byob-runner: cannot start connection thread {idx}: {e}");
                 let _ = shared.send(idx, runner_to_host::Msg::StartFailed(StartFailed { error: format!("runner thread: {e}") }));
-                *lock(&shared.open[idx]) = false;
+                shared.close(idx);
                 // SAFETY: as above.
                 unsafe { libc::write(done_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
             }
@@ -611,6 +647,8 @@ struct ConnThread {
     /// (`ChannelsTaken::unused`). A spawn moves the host end to its worker's record.
     made: HashMap<u64, (OwnedFd, OwnedFd)>,
     next_channel: u64,
+    /// A channel report waits in `ConnOut::deferred` until this time at the latest.
+    deferred_due: Option<std::time::Instant>,
 }
 
 impl ConnThread {
@@ -638,6 +676,7 @@ impl ConnThread {
             refuse: None,
             made: HashMap::new(),
             next_channel: 1,
+            deferred_due: None,
         }
     }
 
@@ -699,9 +738,21 @@ impl ConnThread {
             let n = match fdpass::recv_with_fds_flags(fd, &mut buf, &mut fds, flags) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.settings.poll_wait => {
-                    if let Err(e) = fdpass::wait_readable(fd) {
-                        eprintln!("roma-byob-runner: control socket {}: poll: {e}", self.idx);
-                        break;
+                    let timeout = self.deferred_due.map(|due| due.saturating_duration_since(std::time::Instant::now()));
+                    match fdpass::wait_readable_for(fd, timeout) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // A deferred channel report's time: sent now, unless a
+                            // batch of exit reports took it along already.
+                            self.deferred_due = None;
+                            if !self.shared.send_frames(self.idx, &[]) {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("roma-byob-runner: control socket {}: poll: {e}", self.idx);
+                            break;
+                        }
                     }
                     continue;
                 }
@@ -754,7 +805,7 @@ impl ConnThread {
     /// The engine side is gone (or broke the protocol): kill this connection's
     /// workers; the main thread reaps them.
     fn close(&mut self) {
-        *lock(&self.shared.open[self.idx]) = false;
+        self.shared.close(self.idx);
         let tables = lock(&self.shared.tables);
         for (pid, w) in &tables.pids {
             if w.conn == self.idx {
@@ -914,7 +965,17 @@ impl ConnThread {
                         }
                     }
                 }
-                if !self.shared.send(self.idx, runner_to_host::Msg::Channels(report)) {
+                let bytes = frame::encode(&RunnerToHost { msg: Some(runner_to_host::Msg::Channels(report)) });
+                // Deferred only where this thread waits with a deadline (`poll_wait`).
+                let open = if make.defer_us > 0 && self.settings.poll_wait {
+                    let due = std::time::Instant::now() + std::time::Duration::from_micros(make.defer_us.into());
+                    self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+                    self.shared.defer_frames(self.idx, &bytes)
+                } else {
+                    self.deferred_due = None;
+                    self.shared.send_frames(self.idx, &bytes)
+                };
+                if !open {
                     return Err(Stop::Closed);
                 }
             }
