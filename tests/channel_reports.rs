@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cpus_allowed, load, wait_idle};
+use common::{first_allowed_core, load, wait_idle};
 use roma_byob::{Config, Engine, Mode};
 
 fn sockets() -> usize {
@@ -22,11 +22,7 @@ fn sockets() -> usize {
 
 /// One engine thread, so one stock and one runner connection.
 fn one_shard(hold: Duration) -> Engine {
-    let first = cpus_allowed("/proc/self/status")
-        .split(['-', ','])
-        .next()
-        .and_then(|c| c.parse::<usize>().ok())
-        .expect("an allowed core");
+    let first = first_allowed_core();
     let config = Config { mode: Mode::Minimal, cores: vec![first], exit_report_hold: hold, ..Default::default() };
     Engine::new(config).expect("engine")
 }

@@ -24,11 +24,7 @@ fn one_shard(mode: Mode, hold: Duration, workers: usize) -> (Engine, CodeToken) 
 
 /// As [`one_shard`], with sample `name`.
 fn one_shard_with(mode: Mode, hold: Duration, name: &str, workers: usize) -> (Engine, CodeToken) {
-    let first = cpus_allowed("/proc/self/status")
-        .split(['-', ','])
-        .next()
-        .and_then(|c| c.parse::<usize>().ok())
-        .expect("an allowed core");
+    let first = first_allowed_core();
     let config = Config { mode, cores: vec![first], exit_report_batch: 4, exit_report_hold: hold, ..Default::default() };
     let e = Engine::new(config).unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"));
     let t = load(&e, name, workers);

@@ -150,6 +150,12 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         );
     }
 
+    // The throughput run queues up to `in_flight` requests behind the pool on
+    // purpose. On a slow machine (gVisor's ptrace platform on a VM whose host takes
+    // the CPU away: 23 executions/s seen in a CI run instead of ~90) that queue can
+    // take longer than the default 5 s to drain; the run measures throughput, so a
+    // queued request may wait a minute for its worker before it counts as failed.
+    let queued_opts = ExecuteOptions { worker_wait_timeout: Duration::from_secs(60), ..opts.clone() };
     let cpu_before = CpuSample::take(engine.sandbox_pid());
     let engine_before = engine_cpu();
     // Completions land in a queue the submitting thread drains every `collect_us`:
@@ -167,7 +173,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             let results = results.clone();
             let s = Instant::now();
             engine
-                .execute_with_callback::<_, SampleResponse, _>(&token, &req, opts.clone(), move |r| {
+                .execute_with_callback::<_, SampleResponse, _>(&token, &req, queued_opts.clone(), move |r| {
                     let r = r.map(|_| s.elapsed()).map_err(|e| e.to_string());
                     results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
                 })

@@ -125,6 +125,54 @@ mod tests {
     }
 
     #[test]
+    fn timers_come_due_exactly_as_from_one_heap() {
+        // Pseudo-random pushes (a few common durations, some rare ones, bases that
+        // drift back and forth) interleaved with pops, against a plain heap.
+        let base = Instant::now();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut t = Timers::default();
+        let mut heap = BinaryHeap::new();
+        let mut now = base;
+        for i in 0..20_000u32 {
+            let r = next();
+            if r % 3 == 0 {
+                let after = Duration::from_micros(match r % 7 {
+                    0..=3 => [500, 10_000, 30_000, 1_000][(r >> 8) as usize % 4],
+                    _ => r >> 40,
+                });
+                let from = now - Duration::from_micros((r >> 20) % 300).min(now - base);
+                t.push(from + after, after, i);
+                heap.push(Reverse((from + after, i)));
+            } else {
+                now += Duration::from_micros((r >> 32) % 400);
+                let mut want = Vec::new();
+                while heap.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                    want.push(heap.pop().unwrap().0);
+                }
+                let mut got = Vec::new();
+                while let Some(id) = t.pop_due(now) {
+                    got.push(id);
+                }
+                // Equal instants may come in either order: compare the instants, and
+                // the set of timers.
+                let mut want_ids: Vec<u32> = want.iter().map(|(_, id)| *id).collect();
+                want_ids.sort_unstable();
+                let mut got_sorted = got.clone();
+                got_sorted.sort_unstable();
+                assert_eq!(got_sorted, want_ids, "at step {i}");
+                assert_eq!(t.next_due(), heap.peek().map(|Reverse((at, _))| *at), "at step {i}");
+            }
+        }
+        assert_eq!(t.len(), heap.len());
+    }
+
+    #[test]
     fn durations_beyond_the_lanes_go_to_the_heap_and_empty_lanes_are_reused() {
         let base = Instant::now();
         let ms = Duration::from_millis;

@@ -128,6 +128,16 @@ pub fn cpus_allowed(status_path: &str) -> String {
     try_cpus_allowed(status_path).unwrap_or_else(|| panic!("cannot read {status_path}"))
 }
 
+/// The first core this process may run on: where a one-engine-thread test puts
+/// its engine thread.
+pub fn first_allowed_core() -> usize {
+    cpus_allowed("/proc/self/status")
+        .split(['-', ','])
+        .next()
+        .and_then(|c| c.parse::<usize>().ok())
+        .expect("an allowed core")
+}
+
 /// As [`cpus_allowed`], or `None` when the file is gone (a process reaped meanwhile).
 pub fn try_cpus_allowed(status_path: &str) -> Option<String> {
     let status = std::fs::read_to_string(status_path).ok()?;
