@@ -96,14 +96,21 @@ impl CtlOut {
 
     /// Makes the next batch of queued messages the one in flight.
     fn start_batch(&mut self) {
-        let mut bytes = Vec::new();
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        while let Some(m) = self.queue.front() {
-            let fits = fds.len() + m.fds.len() <= BATCH_FDS && bytes.len() + m.bytes.len() <= BATCH_BYTES;
-            if !fits && !bytes.is_empty() {
+        // How many queued messages go (at least one), so that the batch's buffers
+        // are allocated once, at their size.
+        let (mut count, mut len, mut nfds) = (0, 0, 0);
+        for m in &self.queue {
+            let fits = nfds + m.fds.len() <= BATCH_FDS && len + m.bytes.len() <= BATCH_BYTES;
+            if !fits && count > 0 {
                 break;
             }
-            let Some(m) = self.queue.pop_front() else { break };
+            count += 1;
+            len += m.bytes.len();
+            nfds += m.fds.len();
+        }
+        let mut bytes = Vec::with_capacity(len);
+        let mut fds: Vec<OwnedFd> = Vec::with_capacity(nfds);
+        for m in self.queue.drain(..count) {
             bytes.extend_from_slice(&m.bytes);
             fds.extend(m.fds);
         }
