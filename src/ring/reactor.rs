@@ -1190,8 +1190,8 @@ impl Reactor {
         let unbuffered = self.workers.get(key as usize).and_then(|w| w.as_ref()).is_some_and(|w| w.buf.capacity() == 0);
         let spare = if unbuffered { self.spare_bufs.pop() } else { None };
         let Some(w) = self.worker(key) else { return };
-        if let Some(buf) = spare {
-            w.buf = buf;
+        if unbuffered {
+            w.buf = spare.unwrap_or_else(|| Vec::with_capacity(RECV_CHUNK));
         }
         let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
         if w.buf.len() < w.filled + len {
@@ -2019,10 +2019,11 @@ impl Reactor {
                 let extra = w.filled - total;
                 self.garbage(key, format!("{extra} bytes after the response frame"));
             } else if w.filled == total {
-                let mut buf = std::mem::take(&mut w.buf);
-                buf.truncate(total);
-                buf.drain(..offset);
-                self.on_response(key, ResponseBody::Buf(buf));
+                // Copied out at its size (at most a receive chunk): the chunk buffer
+                // stays with the worker and goes back to `spare_bufs` with it.
+                let body = w.buf[offset..total].to_vec();
+                w.filled = 0;
+                self.on_response(key, ResponseBody::Buf(body));
             } else {
                 // Read the rest straight into a buffer of the announced size: no copy
                 // of the body beyond the first chunk.
