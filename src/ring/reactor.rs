@@ -1621,7 +1621,8 @@ impl Reactor {
     /// Worker `worker_id` was reaped: its shared-memory region may be wiped and
     /// reused (its PID namespace is gone too). If it is idle to the shard, its exit
     /// is recorded and true returned: the commands must be drained next (see
-    /// `note_idle_exits`).
+    /// `note_idle_exits`, which calls this for every exit a report carries, before
+    /// `on_runner_msg` handles it).
     fn note_exit(&mut self, worker_id: u64, status: i32) -> bool {
         let Some(&key) = self.by_worker_id.get(&worker_id) else { return false };
         let Some(w) = self.worker(key) else { return false };
@@ -1639,9 +1640,10 @@ impl Reactor {
         match msg {
             runner_to_host::Msg::Exited(e) => {
                 let Some(&key) = self.by_worker_id.get(&e.worker_id) else { return };
-                // Idle still after `note_idle_exits` (or not reported through
-                // `on_ctl_recv`): as there.
-                if self.note_exit(e.worker_id, e.wait_status) {
+                // `note_idle_exits` recorded this exit (and marked a shared-memory
+                // region reaped) before its drain. Idle still: a caller may have
+                // claimed it since; know that first.
+                if self.worker(key).is_some_and(|w| w.state == WState::Idle) {
                     self.drain_commands();
                 }
                 if self.by_worker_id.get(&e.worker_id) == Some(&key) {

@@ -61,15 +61,8 @@ impl<T: Ord + Copy> Timers<T> {
         self.heap.push(Reverse((at, timer)));
     }
 
-    /// When the next timer comes due.
-    pub fn next_due(&self) -> Option<Instant> {
-        let lanes = self.lanes.iter().filter_map(|l| l.due.front().map(|(at, _)| *at));
-        let heap = self.heap.peek().map(|Reverse((at, _))| *at);
-        lanes.chain(heap).min()
-    }
-
-    /// Takes the earliest timer due at `now`, if any.
-    pub fn pop_due(&mut self, now: Instant) -> Option<T> {
+    /// The earliest timer: when it comes due, and its lane (`None`: the heap).
+    fn earliest(&self) -> Option<(Instant, Option<usize>)> {
         let mut best: Option<(Instant, Option<usize>)> = self.heap.peek().map(|Reverse((at, _))| (*at, None));
         for (i, lane) in self.lanes.iter().enumerate() {
             if let Some((at, _)) = lane.due.front() {
@@ -78,7 +71,17 @@ impl<T: Ord + Copy> Timers<T> {
                 }
             }
         }
-        match best {
+        best
+    }
+
+    /// When the next timer comes due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.earliest().map(|(at, _)| at)
+    }
+
+    /// Takes the earliest timer due at `now`, if any.
+    pub fn pop_due(&mut self, now: Instant) -> Option<T> {
+        match self.earliest() {
             Some((at, _)) if at > now => None,
             Some((_, Some(i))) => self.lanes[i].due.pop_front().map(|(_, t)| t),
             Some((_, None)) => self.heap.pop().map(|Reverse((_, t))| t),
