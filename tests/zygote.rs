@@ -156,19 +156,36 @@ fn a_dead_template_is_replaced() {
     let e = engine(Mode::Minimal);
     let t = zygote(&e, "hello_world", 2);
     assert_eq!(hello(&e, &t).unwrap(), "Hello, world!");
-    // Templates live in the runner's PID namespace, workers each in their own.
+    // Templates live in the runner's PID namespace, workers each in their own; a
+    // worker is its connection thread's child (CLONE_PARENT), as is the template.
     let runner_ns = std::fs::read_link(format!("/proc/{}/ns/pid", e.sandbox_pid())).unwrap();
-    let templates = || -> Vec<String> {
+    // Per runner thread: its templates' pids and how many workers it has.
+    let children = || -> Vec<(Vec<String>, usize)> {
         runner_threads(e.sandbox_pid(), 0, |p| {
             let pid = p.trim_start_matches("/proc/").trim_end_matches("/status").to_string();
             let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
-            (ns == runner_ns).then_some(pid)
+            Some((ns == runner_ns, pid))
         })
         .into_iter()
-        .flat_map(|(_, _, children)| children)
+        .map(|(_, _, kids)| {
+            let (templates, workers): (Vec<_>, Vec<_>) = kids.into_iter().partition(|(template, _)| *template);
+            (templates.into_iter().map(|(_, pid)| pid).collect(), workers.len())
+        })
         .collect()
     };
-    let before = templates();
+    let templates = || -> Vec<String> { children().into_iter().flat_map(|(t, _)| t).collect() };
+    // Only templates that have forked a worker: one still starting is not yet the
+    // runner's (its start would fail, and the execution waiting on it with it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let before: Vec<String> = loop {
+        let c = children();
+        let settled =
+            c.iter().any(|(t, _)| !t.is_empty()) && c.iter().all(|(t, workers)| t.is_empty() || *workers > 0);
+        if settled || std::time::Instant::now() > deadline {
+            break c.into_iter().flat_map(|(t, _)| t).collect();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     assert!(!before.is_empty(), "a template runs");
     for pid in &before {
         // SAFETY: signalling a process of this test's own sandbox.

@@ -819,7 +819,14 @@ impl ConnThread {
     }
 
     /// One worker of a zygote binary: forked by its template, restarted once if it
-    /// has gone (a failed clone in a live template is just reported).
+    /// had gone before it took the order (a failed clone in a live template is just
+    /// reported).
+    ///
+    /// A template that dies after taking the order (end of file on the reply) may
+    /// have cloned a child that already holds `channel`, unknown to the reaper's
+    /// tables: a second child on the same channel would share it. So that spawn
+    /// fails; the engine closes its end, which ends such a child, and the next
+    /// spawn starts a new template.
     fn zygote_spawn(
         &mut self,
         code_id: u64,
@@ -830,10 +837,16 @@ impl ConnThread {
         let forked = self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm);
         use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
         match forked {
-            Err(e) if matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof) => {
+            // Not delivered (EPIPE), or left unread when it died (ECONNRESET: the
+            // kernel's report of a closed socket with data still queued to it).
+            Err(e) if matches!(e.kind(), BrokenPipe | ConnectionReset) => {
                 eprintln!("roma-byob-runner: zygote of code {code_id}: {e}; starting a new template");
                 self.drop_template(code_id);
                 self.template_for(code_id, shm.is_some())?.fork(channel, logs, shm).map_err(|e| e.to_string())
+            }
+            Err(e) if e.kind() == UnexpectedEof => {
+                self.drop_template(code_id);
+                Err(format!("{e} after taking the spawn order (not retried on the same channel)"))
             }
             other => other.map_err(|e| e.to_string()),
         }

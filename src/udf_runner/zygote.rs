@@ -127,7 +127,9 @@ impl Zygote {
 
     /// Has the template fork one worker on `channel` (with `logs` as its stdout and
     /// stderr, and `shm` at fd 4); returns the worker's pid (in the runner's PID
-    /// namespace: the template lives in it).
+    /// namespace: the template lives in it). A template that has died gives
+    /// `BrokenPipe` or `ConnectionReset` if it never took the order, and
+    /// `UnexpectedEof` if it did (then a child may exist).
     pub fn fork(&self, channel: RawFd, logs: Option<(RawFd, RawFd)>, shm: Option<RawFd>) -> io::Result<libc::pid_t> {
         let mut fds = [channel; 4];
         let (mut n, mut flags) = (1, 0);
@@ -154,6 +156,7 @@ impl Zygote {
                 return Err(io::Error::new(e.kind(), format!("zygote reply: {e}")));
             }
             if n == 0 {
+                // It had read the order: it may have cloned the child first.
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the zygote template exited"));
             }
             got += n as usize;
