@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{Engine, ExecuteOptions, LoadOptions};
 
+use crate::cpu::{engine_cpu, ticks_per_second, EngineCpu, Snapshot};
 use crate::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -156,8 +157,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     // take longer than the default 5 s to drain; the run measures throughput, so a
     // queued request may wait a minute for its worker before it counts as failed.
     let queued_opts = ExecuteOptions { worker_wait_timeout: Duration::from_secs(60), ..opts.clone() };
-    let cpu_before = CpuSample::take(engine.sandbox_pid());
-    let engine_before = engine_cpu();
+    let cpu_before = Snapshot::take(engine.sandbox_pid());
     // Completions land in a queue the submitting thread drains every `collect_us`:
     // a callback that woke this thread per completion would add a futex wake-up
     // (~10 µs of CPU here) to the engine thread's cost of every execution.
@@ -207,21 +207,16 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         failures
     );
     report("latency under load", &lat);
-    let engine_used = engine_before.zip(engine_cpu());
-    if let (Some(before), Some(after)) = (cpu_before, CpuSample::take(engine.sandbox_pid())) {
-        let n = a.executions as f64;
-        let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
-        if let Some((before, after)) = engine_used {
-            println!(
-                "  CPU per execution: engine threads {} (from /proc schedstat and status)",
-                EngineCpu::per_execution(before, after, a.executions)
-            );
-        }
+    if let Some(c) = cpu_before.per_execution(&Snapshot::take(engine.sandbox_pid()), a.executions as u64) {
         println!(
-            "  CPU per execution: engine threads {:.1} µs, runner {:.1} µs, workers {:.1} µs (from /proc, {} ticks/s)",
-            us(after.engine - before.engine),
-            us(after.runner.saturating_sub(before.runner)),
-            us(after.workers.saturating_sub(before.workers)),
+            "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (from /proc schedstat and status)",
+            c.engine_us, c.engine_wakeups
+        );
+        let ticks = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} µs"));
+        println!(
+            "  CPU per execution: runner {}, workers {} (from /proc, {} ticks/s)",
+            ticks(c.runner_us),
+            ticks(c.workers_us),
             ticks_per_second()
         );
     }
@@ -230,77 +225,4 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         return Err(format!("{failures} executions failed"));
     }
     Ok(())
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
-}
-
-/// Nanoseconds on CPU of this process's engine threads (`roma-ring-*`), from
-/// `/proc/self/task/*/schedstat`: exact, where `stat`'s ticks are 10 ms apart.
-/// Also counts the threads' sleeps: their voluntary context switches (from
-/// `status`), one per wait that found nothing to do, i.e. one per wake-up.
-fn engine_cpu() -> Option<EngineCpu> {
-    let mut cpu = EngineCpu { ns: 0, sleeps: 0 };
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("roma-ring-") {
-            let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            cpu.ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
-            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
-            cpu.sleeps += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
-        }
-    }
-    Some(cpu)
-}
-
-/// The engine threads' CPU time and sleeps so far (see `engine_cpu`).
-#[derive(Clone, Copy)]
-struct EngineCpu {
-    ns: u64,
-    sleeps: u64,
-}
-
-impl EngineCpu {
-    /// "X µs, Y wake-ups per execution" between `before` and `after`.
-    fn per_execution(before: EngineCpu, after: EngineCpu, executions: usize) -> String {
-        let n = executions.max(1) as f64;
-        format!(
-            "{:.1} µs, {:.2} wake-ups",
-            after.ns.saturating_sub(before.ns) as f64 / 1e3 / n,
-            after.sleeps.saturating_sub(before.sleeps) as f64 / n
-        )
-    }
-}
-
-/// CPU ticks (user + system) of this process's engine threads, of the sandbox's top
-/// process, and of the workers it has reaped.
-struct CpuSample {
-    engine: u64,
-    runner: u64,
-    workers: u64,
-}
-
-fn stat_fields(path: &str) -> Option<Vec<u64>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let rest = text.rsplit_once(')')?.1;
-    // Fields after the command: state is index 0; utime is field 14 overall.
-    Some(rest.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect())
-}
-
-impl CpuSample {
-    fn take(sandbox_pid: u32) -> Option<CpuSample> {
-        let mut engine = 0;
-        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("roma-ring-") {
-                let f = stat_fields(&format!("{}/stat", task.path().display()))?;
-                engine += f[10] + f[11];
-            }
-        }
-        let f = stat_fields(&format!("/proc/{sandbox_pid}/stat"))?;
-        Some(CpuSample { engine, runner: f[10] + f[11], workers: f[12] + f[13] })
-    }
 }

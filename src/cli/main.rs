@@ -1,5 +1,6 @@
 //! `roma-byob`: command-line front end of the engine.
 
+mod cpu;
 mod demo;
 mod exec;
 mod json;

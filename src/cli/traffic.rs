@@ -17,6 +17,7 @@ use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 use roma_byob::{CodeToken, Engine, ExecuteOptions, LoadOptions, Mode, Response};
 
+use crate::cpu::{PerExecution, Snapshot};
 use crate::json::{self, ProtoTypes};
 use crate::EngineArgs;
 
@@ -264,6 +265,9 @@ struct StepResult {
     response_bytes: u64,
     invocations: Histogram<u64>,
     burst_latency: Histogram<u64>,
+    /// CPU per submitted execution from the first burst to the last completion
+    /// (the completion callbacks, which run on the engine threads, included).
+    cpu: Option<PerExecution>,
 }
 
 impl StepResult {
@@ -401,6 +405,7 @@ impl Runner<'_> {
         let mut printed_errors = 0usize;
 
         let progress = Progress::new(self.progress, label, executions, schedule_span);
+        let cpu_before = Snapshot::take(self.engine.sandbox_pid());
         std::thread::scope(|scope| -> Result<(), String> {
             let sched = {
                 let shared = Arc::clone(&shared);
@@ -440,6 +445,7 @@ impl Runner<'_> {
             }
             Ok(())
         })?;
+        let cpu_after = Snapshot::take(self.engine.sandbox_pid());
         progress.finish();
         print_new_errors(&shared, printed_errors);
 
@@ -462,6 +468,7 @@ impl Runner<'_> {
             response_bytes: stats.response_bytes,
             invocations: stats.invocations.clone(),
             burst_latency: stats.bursts.clone(),
+            cpu: cpu_before.per_execution(&cpu_after, submitted),
         })
     }
 
@@ -854,6 +861,16 @@ fn print_report(h: &Header, r: &StepResult) {
         r.late_pct(),
         r.late_threshold.as_secs_f64() * 1e3
     );
+    if let Some(c) = r.cpu {
+        let ticks = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} µs"));
+        println!(
+            "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (schedstat; the completion callbacks included), runner {}, workers {} (10 ms ticks)",
+            c.engine_us,
+            c.engine_wakeups,
+            ticks(c.runner_us),
+            ticks(c.workers_us)
+        );
+    }
     println!("  latency (µs)        count      min      p50      p90      p95      p99    p99.9      max");
     for (name, s) in [("invocation", inv), ("burst", burst)] {
         println!(
@@ -900,6 +917,10 @@ fn step_json(r: &StepResult) -> serde_json::Value {
         "burst_p99_us": burst.p99,
         "burst_p999_us": burst.p999,
         "burst_max_us": burst.max,
+        "engine_cpu_us": r.cpu.map(|c| c.engine_us),
+        "engine_wakeups": r.cpu.map(|c| c.engine_wakeups),
+        "runner_cpu_us": r.cpu.and_then(|c| c.runner_us),
+        "workers_cpu_us": r.cpu.and_then(|c| c.workers_us),
     })
 }
 
