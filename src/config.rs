@@ -212,21 +212,6 @@ pub struct Config {
     /// up to this much later; a worker that closed its channel is given this much
     /// longer to exit before it is killed.
     pub exit_report_hold: Duration,
-    /// Minimal mode: the ready byte of a worker started while no execution of its
-    /// code token waits (a refill) goes to a second, quiet io_uring that does not
-    /// wake the engine thread; the thread collects it whenever it wakes anyway (a
-    /// response, a command, an exit report), and at the latest this long after it
-    /// went to sleep with such bytes outstanding. A request that finds no ready
-    /// worker wakes the thread as before, and an execution that waits for a worker
-    /// turns the quiet ring's wake-ups on. So a started worker may be offered up to
-    /// this much later (`Engine::idle_workers` does not count it meanwhile), and a
-    /// request that comes then waits for the engine thread to collect it instead
-    /// of being handed over. Saves about one engine wake-up per execution in
-    /// open-loop traffic (BENCHMARKS.md, sixteenth session). Zero: every ready
-    /// byte wakes the engine thread. Not in gVisor modes, where a worker takes
-    /// milliseconds to start and this bound would wake the thread several times
-    /// per spawn.
-    pub quiet_ready_within: Duration,
     pub syscall_filter: SyscallFilter,
     /// Host paths bind-mounted read-only into the worker root (for dynamically
     /// linked UDFs): directories or single files. Symlinks are followed; missing
@@ -278,7 +263,6 @@ impl Default for Config {
             lazy_readiness: true,
             exit_report_batch: 4,
             exit_report_hold: Duration::from_millis(10),
-            quiet_ready_within: Duration::from_millis(2),
             syscall_filter: SyscallFilter::Untrusted,
             lib_mounts: vec!["/lib".into(), "/lib64".into(), "/usr/lib".into(), "/etc/ld.so.cache".into()],
             memory_limit: None,

@@ -108,7 +108,6 @@ impl Engine {
                 lazy_readiness: config.lazy_readiness,
                 exit_report_batch: config.exit_report_batch,
                 exit_report_hold: config.exit_report_hold,
-                quiet_ready_within: if config.mode == Mode::Minimal { config.quiet_ready_within } else { std::time::Duration::ZERO },
                 batch_wait: config.batch_wait,
                 batch_min_in_flight: config.batch_min_in_flight.max(1),
                 batch_want: config.batch_want.max(1),

@@ -103,11 +103,6 @@ pub struct EngineArgs {
     /// Longest a held exit report waits, in µs (Config::exit_report_hold).
     #[arg(long, default_value_t = 10_000)]
     exit_report_hold_us: u64,
-    /// Minimal mode: a refill's ready byte is collected at the engine thread's next
-    /// wake-up, at most this many µs later (Config::quiet_ready_within; 0 = every
-    /// ready byte wakes the engine thread).
-    #[arg(long, default_value_t = 2_000)]
-    quiet_ready_within_us: u64,
 }
 
 impl EngineArgs {
@@ -145,7 +140,6 @@ impl EngineArgs {
             worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),
             exit_report_batch: self.exit_report_batch,
             exit_report_hold: std::time::Duration::from_micros(self.exit_report_hold_us),
-            quiet_ready_within: std::time::Duration::from_micros(self.quiet_ready_within_us),
             ..Default::default()
         })
     }

@@ -6,7 +6,6 @@
 mod bufring;
 mod ctl;
 pub(crate) mod direct;
-mod quiet;
 mod reactor;
 mod ready;
 mod timers;
@@ -161,8 +160,6 @@ pub(crate) struct ShardConfig {
     /// See `Config::exit_report_batch` and `Config::exit_report_hold`.
     pub exit_report_batch: usize,
     pub exit_report_hold: Duration,
-    /// See `Config::quiet_ready_within` (zero: off; already zero in gVisor modes).
-    pub quiet_ready_within: Duration,
     pub host_api: Arc<crate::host_api::HostApi>,
     /// Where shared-memory regions come from and go back to (wiped) after use.
     pub shm_pool: Arc<crate::ipc::shm::ShmPool>,

@@ -16,7 +16,6 @@ use prost::Message;
 use super::bufring::BufRing;
 use super::ctl::CtlOut;
 use super::direct::{self, Handoff, Peeked, Taken};
-use super::quiet::QuietRing;
 use super::timers::Timers;
 use super::{Cmd, ExecRequest, Offer, Readiness, ShardConfig, ShardShared, SupervisorEvent, TokenEntry};
 use crate::completion::{Logs, Metrics, RawOutcome, Sink};
@@ -138,29 +137,6 @@ struct TokenState {
     /// claimed one whose byte was not there yet (its workers start slower than
     /// requests come, as in gVisor), which costs more than it saves.
     lazy_paused_until: Option<Instant>,
-    /// Whether the token's recent executions had completion callbacks rather than
-    /// waiting callers: a count in `0..=CALLBACKS_MAX`, up by one for a callback,
-    /// down by one for a waiting caller. A waiting caller of a `direct` token reads
-    /// the answer itself; a callback's answer is read by the shard, which must post
-    /// the receive for it. So while callbacks are likely (see `callbacks_likely`)
-    /// an idle worker gets its receive as soon as it is ready, in the wake-up that
-    /// read its ready byte: a callback that claims it then needs no wake-up of the
-    /// shard to post one.
-    callbacks: u8,
-}
-
-/// The most `TokenState::callbacks` counts up to.
-const CALLBACKS_MAX: u8 = 3;
-
-impl TokenState {
-    fn note_caller(&mut self, waits: bool) {
-        self.callbacks = if waits { self.callbacks.saturating_sub(1) } else { (self.callbacks + 1).min(CALLBACKS_MAX) };
-    }
-
-    /// Most of the recent executions had callbacks (two in a row turn it on).
-    fn callbacks_likely(&self) -> bool {
-        self.callbacks >= 2
-    }
 }
 
 /// How long a code token's workers are not offered unconfirmed after a caller
@@ -240,10 +216,6 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct Reactor {
     ring: IoUring,
-    /// Ready bytes that need not wake this thread (see `quiet`); None where the
-    /// kernel lacks what it needs.
-    quiet: Option<QuietRing>,
-    quiet_buf: Vec<super::quiet::Completion>,
     /// Completion work runs only inside our `io_uring_enter` (DEFER_TASKRUN).
     deferred: bool,
     /// Waits under load collect completions for up to `config.batch_wait`.
@@ -363,12 +335,6 @@ impl Reactor {
         Reactor {
             batching: deferred && min_timeout && config.batch_wait > Duration::ZERO,
             deferred,
-            quiet: if deferred && !config.quiet_ready_within.is_zero() {
-                QuietRing::new(shared.eventfd.as_raw_fd())
-            } else {
-                None
-            },
-            quiet_buf: Vec::new(),
             ring,
             config,
             shared,
@@ -480,10 +446,7 @@ impl Reactor {
                     std::hint::spin_loop();
                 }
             }
-            if !self.ring.completion().is_empty()
-                || self.quiet_before_sleep()
-                || !self.shared.prepare_to_sleep(self.wake_time())
-            {
+            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(self.wake_time()) {
                 // Work is already here: submit without waiting.
                 if let Err(e) = self.ring.submit() {
                     tracing::error!(error = %e, "io_uring submit failed");
@@ -562,11 +525,7 @@ impl Reactor {
     /// When the shard wakes by itself if nothing happens: the next timer, and at
     /// the latest `IDLE_WAKE` from now.
     fn wake_time(&self) -> Instant {
-        // With ready bytes on the quiet ring, not longer than `quiet_ready_within`
-        // (a missed eventfd signal, which is the kernel's, is bounded by it too).
-        let quiet = self.quiet.as_ref().is_some_and(|q| q.inflight() > 0);
-        let most = if quiet { self.config.quiet_ready_within.min(IDLE_WAKE) } else { IDLE_WAKE };
-        let idle = Instant::now() + most;
+        let idle = Instant::now() + IDLE_WAKE;
         self.timers.next_due().map_or(idle, |at| at.min(idle))
     }
 
@@ -596,7 +555,6 @@ impl Reactor {
     }
 
     fn reap_cqes(&mut self) {
-        self.collect_quiet();
         let mut cqes = std::mem::take(&mut self.cqe_buf);
         cqes.extend(self.ring.completion());
         let counted = cqes.iter().filter(|c| counts_in_kernel(c.user_data())).count();
@@ -607,36 +565,10 @@ impl Reactor {
         self.cqe_buf = cqes;
     }
 
-    /// Handles the quiet ring's completions that are ready (see `quiet`).
-    fn collect_quiet(&mut self) {
-        let Some(quiet) = self.quiet.as_mut() else { return };
-        let mut done = std::mem::take(&mut self.quiet_buf);
-        quiet.collect(&mut done);
-        for (user_data, res, flags) in done.drain(..) {
-            self.handle_cqe(user_data, res, flags);
-        }
-        self.quiet_buf = done;
-    }
-
-    /// Before a sleep: asks the quiet ring for a wake-up while an execution waits
-    /// for a worker (one of those whose ready byte it holds may be the first
-    /// ready), and says whether it holds completions to collect first.
-    fn quiet_before_sleep(&mut self) -> bool {
-        let waiting = self.tokens.values().any(|t| !t.queue.is_empty());
-        let Some(quiet) = self.quiet.as_mut() else { return false };
-        quiet.set_wake(waiting && quiet.inflight() > 0);
-        quiet.has_work()
-    }
-
     /// Cancels every operation still in the kernel and waits for their completions,
     /// so no buffer is freed while the kernel may still write into it.
     /// Gives up (returns false) at `deadline`, if any.
     fn drain_kernel(&mut self, deadline: Option<Instant>) -> bool {
-        if let Some(quiet) = self.quiet.as_mut() {
-            if !quiet.drain(deadline) {
-                return false;
-            }
-        }
         self.pending_sqes.clear();
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(0);
         self.pending_sqes.push(cancel);
@@ -713,7 +645,6 @@ impl Reactor {
                 failures: 0,
                 respawn_at: None,
                 lazy_paused_until: None,
-                callbacks: 0,
             },
         );
         self.fill_slots(id);
@@ -768,11 +699,10 @@ impl Reactor {
             answer_unqueued(sink, handoff.as_deref(), Err(Error::Unavailable(why.clone())));
             return;
         }
-        let Some(t) = self.tokens.get_mut(&token) else {
+        if !self.tokens.contains_key(&token) {
             answer_unqueued(sink, handoff.as_deref(), Err(Error::NotFound(format!("code token code-{token} was deleted"))));
             return;
-        };
-        t.note_caller(sink.is_channel());
+        }
         // An unconfirmed worker whose ready byte the caller did not find: the request
         // was not written; wait for the byte, and run the execution like any other.
         let claim = match claim {
@@ -1096,15 +1026,12 @@ impl Reactor {
         let lazy = self.config.lazy_readiness
             && self.execs.is_empty()
             && self.tokens.get(&token).is_some_and(|t| {
-                t.entry.direct
-                    && t.queue.is_empty()
-                    && !t.callbacks_likely()
-                    && t.lazy_paused_until.is_none_or(|u| u <= Instant::now())
+                t.entry.direct && t.queue.is_empty() && t.lazy_paused_until.is_none_or(|u| u <= Instant::now())
             });
         if lazy {
             self.offer_unconfirmed(key);
         } else {
-            self.post_ready_recv(key);
+            self.post_worker_recv(key, 1, true);
         }
         Ok(true)
     }
@@ -1260,32 +1187,13 @@ impl Reactor {
     /// so the kernel arms the poll at once instead of first trying a read that
     /// would fail (IORING_RECVSEND_POLL_FIRST).
     fn post_worker_recv(&mut self, key: u32, len: usize, expect_wait: bool) {
-        if let Some(sqe) = self.worker_recv_sqe(key, len, expect_wait) {
-            self.push_sqe(sqe);
-        }
-    }
-
-    /// The receive for a starting worker's ready byte. While no execution of its
-    /// code token waits, it goes to the quiet ring: the byte is collected at the
-    /// shard's next wake-up instead of causing one (see `quiet`).
-    fn post_ready_recv(&mut self, key: u32) {
-        let token = self.workers.get(key as usize).and_then(|w| w.as_ref()).map(|w| w.token);
-        let waited_for = token.and_then(|t| self.tokens.get(&t)).is_none_or(|t| !t.queue.is_empty());
-        let Some(sqe) = self.worker_recv_sqe(key, 1, true) else { return };
-        match self.quiet.as_mut() {
-            Some(quiet) if !waited_for => quiet.push(sqe),
-            _ => self.push_sqe(sqe),
-        }
-    }
-
-    fn worker_recv_sqe(&mut self, key: u32, len: usize, expect_wait: bool) -> Option<squeue::Entry> {
         let unbuffered = self.workers.get(key as usize).and_then(|w| w.as_ref()).is_some_and(|w| w.buf.capacity() == 0);
         let spare = if unbuffered { self.spare_bufs.pop() } else { None };
-        let w = self.worker(key)?;
+        let Some(w) = self.worker(key) else { return };
         if unbuffered {
             w.buf = spare.unwrap_or_else(|| Vec::with_capacity(RECV_CHUNK));
         }
-        let fd = w.fd.as_ref().map(|f| f.as_raw_fd())?;
+        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
         if w.buf.len() < w.filled + len {
             w.buf.resize(w.filled + len, 0);
         }
@@ -1295,7 +1203,8 @@ impl Reactor {
         w.inflight += 1;
         w.armed = true;
         let ioprio = if expect_wait { RECVSEND_POLL_FIRST } else { 0 };
-        Some(opcode::Recv::new(types::Fd(fd), ptr, len as u32).ioprio(ioprio).build().user_data(ud(K_W_RECV, key, w.gen)))
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32).ioprio(ioprio).build().user_data(ud(K_W_RECV, key, w.gen));
+        self.push_sqe(sqe);
     }
 
     fn post_worker_send(&mut self, key: u32, exec_id: u64) {
@@ -2003,12 +1912,11 @@ impl Reactor {
         let (gen, fd, region) = (w.gen, w.fd.clone(), w.shm.as_ref().map(|(r, _)| r.clone()));
         // An idle worker gets its response receive now, so the answer wakes the
         // shard once, except for a `direct` token on a shard with nothing in
-        // flight whose recent executions had waiting callers: there the next
-        // request is likely one a caller waits for, and that caller reads the
-        // answer itself (see `direct`, `TokenState::callbacks`).
+        // flight: there the next request is likely one a caller waits for, and
+        // that caller reads the answer itself (see `direct`).
         let in_flight = !self.execs.is_empty();
         let Some(t) = self.tokens.get_mut(&token) else { return };
-        let arm = !t.entry.direct || in_flight || t.callbacks_likely();
+        let arm = !t.entry.direct || in_flight;
         t.failures = 0;
         t.respawn_at = None;
         if let Some(exec_id) = t.queue.pop_front() {
