@@ -79,6 +79,14 @@ fn traffic_report_and_plot() {
     assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
     assert!(v["p50_us"].as_u64().unwrap() > 0, "{v:#}");
     assert!(v["p50_us"].as_u64() <= v["p99_us"].as_u64(), "{v:#}");
+    // CPU per execution: the engine threads' from schedstat (never zero: they read
+    // every response here), the sandbox's from 10 ms ticks (may round to zero).
+    assert!(v["engine_cpu_us"].as_f64().is_some_and(|us| us > 0.0), "{v:#}");
+    assert!(v["engine_wakeups"].as_f64().is_some_and(|w| w > 0.0), "{v:#}");
+    for key in ["runner_cpu_us", "workers_cpu_us"] {
+        assert!(v[key].as_f64().is_some_and(|us| us >= 0.0), "{key}: {v:#}");
+    }
+    assert!(stdout.contains("CPU per execution: engine threads"), "{stdout}");
 
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"), "{}", &plot[..plot.len().min(200)]);
