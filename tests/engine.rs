@@ -110,9 +110,12 @@ fn small_batches_answer_every_execution_once() {
         let t = load(&e, "hello_world", 4);
         let (tx, rx) = mpsc::channel();
         let n = 40;
+        // 40 queued on 4 workers: in gVisor on a starved machine the last may wait
+        // longer than opts()'s 10 s for a worker.
+        let queued = ExecuteOptions { worker_wait_timeout: Duration::from_secs(60), ..opts() };
         for i in 0..n {
             let tx = tx.clone();
-            e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), opts(), move |r| {
+            e.execute_with_callback::<_, SampleResponse, _>(&t, &SampleRequest::default(), queued.clone(), move |r| {
                 tx.send((i, r.map(|r| r.response.greeting))).unwrap();
             })
             .unwrap();
@@ -182,7 +185,8 @@ fn execute_then_delete() {
         e.delete(&t).unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || drop(tx.send(pending.wait())));
-        let err = rx.recv_timeout(Duration::from_secs(2)).expect("completes within 2 s").unwrap_err();
+        // Well before the execution's own timeout (opts()), with room for a slow machine.
+        let err = rx.recv_timeout(Duration::from_secs(10)).expect("completes within 10 s").unwrap_err();
         assert_eq!(err.code(), Code::Cancelled, "{err}");
         assert!(err.message().contains("deleted"), "{err}");
         assert_eq!(e.delete(&t).unwrap_err().code(), Code::NotFound);
@@ -201,7 +205,7 @@ fn execute_then_cancel() {
         e.cancel(pending.token()).unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || drop(tx.send(pending.wait())));
-        let err = rx.recv_timeout(Duration::from_secs(1)).expect("completes within 1 s").unwrap_err();
+        let err = rx.recv_timeout(Duration::from_secs(10)).expect("completes within 10 s").unwrap_err();
         assert_eq!(err.code(), Code::Cancelled, "{err}");
         // The slot gets a fresh worker: the token keeps working.
         let next = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts()).unwrap();

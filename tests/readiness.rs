@@ -20,14 +20,16 @@ fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
             // fresh worker, claimed (lazy) or queued for (not) while it sleeps.
             let t = load(&e, "slow_ready", 1);
             let opts = ExecuteOptions {
-                timeout: Duration::from_millis(150),
+                // Under slow_ready's 300 ms, so a timeout that started at the claim
+                // fires; 250 ms leaves the rest of the execution room on a slow machine.
+                timeout: Duration::from_millis(250),
                 worker_wait_timeout: Duration::from_secs(30),
                 ..Default::default()
             };
             for i in 0..3 {
                 let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap().wait();
                 let r = r.unwrap_or_else(|err| {
-                    panic!("{mode:?}, lazy_readiness {lazy_readiness}, execution {i}: the 150 ms timeout must start at the ready byte: {err}")
+                    panic!("{mode:?}, lazy_readiness {lazy_readiness}, execution {i}: the 250 ms timeout must start at the ready byte: {err}")
                 });
                 assert_eq!(r.response.greeting, "Hello, world!");
             }
@@ -49,13 +51,15 @@ fn worker_pids(e: &Engine) -> Vec<String> {
 #[test]
 fn a_started_worker_nobody_claimed_outlives_its_start_deadline() {
     for mode in modes() {
-        let config = Config { mode, worker_start_timeout: Duration::from_millis(300), ..Default::default() };
+        // A start deadline well above a worker's start even on a starved machine (a
+        // worker without its ready byte by then is rightly killed).
+        let config = Config { mode, worker_start_timeout: Duration::from_secs(2), ..Default::default() };
         let e = Engine::new(config).unwrap();
         let t = load(&e, "hello_world", 1);
         // Offered before its ready byte was read, and not claimed by its start
         // deadline: the shard looks for the byte then, finds it, and keeps the worker.
         let before = (mode == Mode::Minimal).then(|| worker_pids(&e));
-        std::thread::sleep(Duration::from_millis(1000));
+        std::thread::sleep(Duration::from_millis(3000));
         if let Some(before) = before {
             assert_eq!(before.len(), 1, "one worker: {before:?}");
             assert_eq!(worker_pids(&e), before, "the worker was replaced: it was killed at its start deadline");

@@ -17,6 +17,11 @@ fn killed_sandbox_is_restarted_and_tokens_work_again() {
         let hang = load(&e, "never_answer", 1);
         let hello_token = load(&e, "hello_world", 2);
         assert_eq!(hello(&e, &hello_token).unwrap(), "Hello, world!");
+        // The hanging worker started (offered, then time to write its ready byte):
+        // the execution runs on it rather than waiting in the queue, where it would
+        // outlive the sandbox's death and end at its timeout instead.
+        wait_idle(&e, &hang, 1);
+        std::thread::sleep(Duration::from_millis(500));
         let in_flight = e.execute::<_, SampleResponse>(&hang, &SampleRequest::default(), opts()).unwrap();
         std::thread::sleep(Duration::from_millis(300));
 

@@ -122,7 +122,10 @@ fn traffic_find_max_qps_terminates() {
     let json = dir.join("max.json");
     let stdout = run(cli()
         .args(["traffic", "--mode", "minimal", "--workers", "4", "--qps", "100", "--num-queries", "100"])
-        .args(["--find-max-qps", "--max-steps", "4", "--no-progress", "--output"])
+        .args(["--find-max-qps", "--max-steps", "4", "--no-progress"])
+        // The search's termination and report are checked, not this machine's speed:
+        // lenient pass criteria, so that a starved CI machine still passes a step.
+        .args(["--late-threshold-pct", "100", "--min-throughput-pct", "10", "--output"])
         .arg(&json));
     assert!(stdout.contains("max sustainable rate"), "{stdout}");
     let v = read_json(&json);

@@ -174,17 +174,26 @@ fn a_dead_template_is_replaced() {
         .collect()
     };
     let templates = || -> Vec<String> { children().into_iter().flat_map(|(t, _)| t).collect() };
-    // Only templates that have forked a worker: one still starting is not yet the
-    // runner's (its start would fail, and the execution waiting on it with it).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Only once the pool is whole and nothing has changed for 200 ms: a template
+    // still starting is not yet the runner's (its start would fail, and the
+    // execution waiting on it with it), and one killed while it forks a refill
+    // fails that spawn (not retried on the same channel: see `zygote_spawn`).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (mut last, mut since) = (children(), std::time::Instant::now());
     let before: Vec<String> = loop {
+        std::thread::sleep(std::time::Duration::from_millis(10));
         let c = children();
-        let settled =
-            c.iter().any(|(t, _)| !t.is_empty()) && c.iter().all(|(t, workers)| t.is_empty() || *workers > 0);
-        if settled || std::time::Instant::now() > deadline {
+        if c != last {
+            (last, since) = (c, std::time::Instant::now());
+            continue;
+        }
+        let workers: usize = c.iter().map(|(_, w)| *w).sum();
+        let settled = workers == 2
+            && c.iter().any(|(t, _)| !t.is_empty())
+            && c.iter().all(|(t, workers)| t.is_empty() || *workers > 0);
+        if (settled && since.elapsed() >= std::time::Duration::from_millis(200)) || std::time::Instant::now() > deadline {
             break c.into_iter().flat_map(|(t, _)| t).collect();
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     };
     assert!(!before.is_empty(), "a template runs");
     for pid in &before {
