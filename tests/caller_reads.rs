@@ -82,7 +82,14 @@ fn an_execution_waited_for_late_is_answered_by_the_engine_thread() {
         let t = load(&e, "hello_world", 1);
         warm(&e, &t);
         let pending = say_hello(&e, &t);
-        std::thread::sleep(Duration::from_millis(500));
+        // Until the engine thread has learnt the worker's exit (its slot's new worker
+        // is up): it has read the answer by then. A fixed pause could end first on a
+        // starved machine, and the caller would read it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        std::thread::sleep(Duration::from_millis(50));
+        while (e.live_workers() != 1 || e.idle_workers(&t).unwrap() != 1) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let m = greeting(pending.wait(), &format!("{mode:?}: waited late"));
         assert!(!m.read_by_caller, "{mode:?}");
         // The worker answers and keeps running: whoever reads, the answer arrives.
