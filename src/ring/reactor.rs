@@ -114,6 +114,10 @@ struct WorkerConn {
     shm: Option<ShmSlot>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
+    /// Killed because it had closed its channel mid-execution and not exited
+    /// within the grace (`kill_closed_busy`): its exit report then says whether
+    /// that kill ended it, or a cause of its own before (see `on_worker_exit`).
+    killed_lingering: bool,
     /// The runner holds a copy of this channel's host end until the worker is
     /// reaped (a runner-made channel): closing ours does not end the worker's stream.
     runner_copy: bool,
@@ -1006,6 +1010,7 @@ impl Reactor {
             logs,
             shm,
             failure: None,
+            killed_lingering: false,
             runner_copy: channel != 0,
             unconfirmed: false,
         };
@@ -1677,6 +1682,8 @@ impl Reactor {
         }
         let Some(w) = self.worker(key) else { return };
         let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
+        // Our kill at the grace ended it, not a cause of its own.
+        let lingered = w.killed_lingering && libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
         // Built only where it is reported (not for a worker that answered and exited).
         let how = || match &spawn_error {
             Some(e) => format!("could not be started: {e}"),
@@ -1707,10 +1714,15 @@ impl Reactor {
                         self.finish_with_logs(id, key);
                     } else {
                         let detail = failure.map(|f| format!(" ({f})")).unwrap_or_default();
-                        self.complete(
-                            id,
-                            Err(Error::Unavailable(format!("the UDF {} before sending a complete response{detail}", how()))),
-                        );
+                        let why = if lingered {
+                            format!(
+                                "the UDF closed its channel before sending a complete response{detail} and had not exited {} ms later; it was killed",
+                                EXIT_GRACE.as_millis()
+                            )
+                        } else {
+                            format!("the UDF {} before sending a complete response{detail}", how())
+                        };
+                        self.complete(id, Err(Error::Unavailable(why)));
                     }
                 }
                 self.close_channel(key);
@@ -2447,21 +2459,19 @@ impl Reactor {
     /// A busy worker (key, generation) closed its channel (or it broke) and has
     /// not exited since: its execution can get no response, so it fails now
     /// rather than at its timeout, and the worker is killed.
+    /// A busy worker closed its channel and has not been reported exited within
+    /// the grace: it is killed. Its execution fails when the exit report comes
+    /// (the runner reports the kill at once), so that the message names what ended
+    /// the worker: on a starved machine a report may come after the grace although
+    /// the UDF had died of a cause of its own (a crash) before. If no report comes,
+    /// the execution's timeout or the sandbox's failure still completes it.
     fn kill_closed_busy(&mut self, key: u32, gen: u32) {
         let Some(w) = self.unexited(key, gen) else { return };
         if w.state != WState::Busy {
             return;
         }
-        let exec = w.exec;
-        let detail = w.failure.take().map(|f| format!(" ({f})")).unwrap_or_default();
+        w.killed_lingering = true;
         self.kill_worker(key);
-        if let Some(id) = exec {
-            let why = format!(
-                "the UDF closed its channel before sending a complete response{detail} and had not exited {} ms later; it was killed",
-                EXIT_GRACE.as_millis()
-            );
-            self.complete(id, Err(Error::Unavailable(why)));
-        }
     }
 
     // ----- failure of the whole shard ------------------------------------------
