@@ -114,10 +114,10 @@ struct WorkerConn {
     shm: Option<ShmSlot>,
     /// Why the channel failed, if it did, for the error message.
     failure: Option<String>,
-    /// Killed because it had closed its channel mid-execution and not exited
-    /// within the grace (`kill_closed_busy`): its exit report then says whether
-    /// that kill ended it, or a cause of its own before (see `on_worker_exit`).
-    killed_lingering: bool,
+    /// Killed in this state because it had closed its channel and not exited
+    /// within the grace (`kill_closed`): its exit report then says whether that
+    /// kill ended it, or a cause of its own before (see `on_worker_exit`).
+    killed_from: Option<WState>,
     /// The runner holds a copy of this channel's host end until the worker is
     /// reaped (a runner-made channel): closing ours does not end the worker's stream.
     runner_copy: bool,
@@ -303,6 +303,12 @@ const RECVSEND_POLL_FIRST: u16 = 1;
 /// only when it fails (`IOSQE_CQE_SKIP_SUCCESS`).
 fn counts_in_kernel(user_data: u64) -> bool {
     user_data >> 56 != K_CLOSE
+}
+
+/// What a worker killed at the exit grace before its request did (see
+/// `Reactor::kill_closed`).
+fn lingered_before_request() -> String {
+    format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis())
 }
 
 fn describe_status(status: i32) -> String {
@@ -1010,7 +1016,7 @@ impl Reactor {
             logs,
             shm,
             failure: None,
-            killed_lingering: false,
+            killed_from: None,
             runner_copy: channel != 0,
             unconfirmed: false,
         };
@@ -1682,8 +1688,13 @@ impl Reactor {
         }
         let Some(w) = self.worker(key) else { return };
         let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
+        // Killed at the grace (which left it Finished): judged as what it was then.
+        let state = match w.killed_from {
+            Some(from @ (WState::Spawning | WState::Idle)) => from,
+            _ => state,
+        };
         // Our kill at the grace ended it, not a cause of its own.
-        let lingered = w.killed_lingering && libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
+        let lingered = w.killed_from.is_some() && libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
         // Built only where it is reported (not for a worker that answered and exited).
         let how = || match &spawn_error {
             Some(e) => format!("could not be started: {e}"),
@@ -1691,7 +1702,12 @@ impl Reactor {
         };
         match state {
             WState::Spawning => {
-                self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {}", how()));
+                let why = if lingered {
+                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
+                } else {
+                    format!("a worker of code-{token} exited before signalling readiness: it {}", how())
+                };
+                self.note_failure(token, &why);
                 self.close_channel(key);
             }
             WState::Idle => {
@@ -1699,7 +1715,9 @@ impl Reactor {
                 let started = self.worker(key).is_some_and(|w| {
                     !w.unconfirmed || w.fd.as_ref().is_some_and(|fd| super::take_ready_byte(fd))
                 });
-                let why = if started {
+                let why = if lingered {
+                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
+                } else if started {
                     format!("an idle worker of code-{token} exited: it {}", how())
                 } else {
                     format!("a worker of code-{token} exited before signalling readiness: it {}", how())
@@ -2363,12 +2381,7 @@ impl Reactor {
                         format!("did not signal readiness within {} ms", timeout.as_millis())
                     });
                 }
-                Timer::ExitBy(key, gen) => {
-                    self.kill_stuck(key, gen, &[WState::Spawning, WState::Idle], || {
-                        format!("closed its channel before its request and had not exited {} ms later", EXIT_GRACE.as_millis())
-                    });
-                    self.kill_closed_busy(key, gen);
-                }
+                Timer::ExitBy(key, gen) => self.kill_closed(key, gen),
                 Timer::CallerRead(id) => {
                     let Some(e) = self.execs.get(&id) else { continue };
                     let Some((handoff, _)) = e.handoff.as_ref() else { continue };
@@ -2456,21 +2469,25 @@ impl Reactor {
         self.kill_worker(key);
     }
 
-    /// A busy worker (key, generation) closed its channel (or it broke) and has
-    /// not exited since: its execution can get no response, so it fails now
-    /// rather than at its timeout, and the worker is killed.
-    /// A busy worker closed its channel and has not been reported exited within
-    /// the grace: it is killed. Its execution fails when the exit report comes
-    /// (the runner reports the kill at once), so that the message names what ended
-    /// the worker: on a starved machine a report may come after the grace although
-    /// the UDF had died of a cause of its own (a crash) before. If no report comes,
-    /// the execution's timeout or the sandbox's failure still completes it.
-    fn kill_closed_busy(&mut self, key: u32, gen: u32) {
+    /// A worker (key, generation) closed its channel (or it broke) and has not
+    /// been reported exited within the grace: it is killed, and what it was doing
+    /// fails when the exit report comes (the runner reports the kill at once): a
+    /// busy worker's execution (it can get no response: rather than at its
+    /// timeout), or a starting or idle worker's start (see `on_worker_exit`). So
+    /// the message names what ended the worker: on a starved machine a report may
+    /// come after the grace although the UDF had died of a cause of its own (a
+    /// crash) before. If no report comes, the execution's timeout or the sandbox's
+    /// failure still completes it.
+    fn kill_closed(&mut self, key: u32, gen: u32) {
         let Some(w) = self.unexited(key, gen) else { return };
-        if w.state != WState::Busy {
+        if !matches!(w.state, WState::Busy | WState::Spawning | WState::Idle) {
             return;
         }
-        w.killed_lingering = true;
+        let (token, state) = (w.token, w.state);
+        w.killed_from = Some(state);
+        if state != WState::Busy {
+            tracing::warn!(shard = self.config.index, token, "a worker of code-{token} {}; killed", lingered_before_request());
+        }
         self.kill_worker(key);
     }
 
