@@ -1701,13 +1701,12 @@ impl Reactor {
             None => describe_status(status),
         };
         match state {
+            WState::Spawning | WState::Idle if lingered => {
+                self.note_failure(token, &format!("a worker of code-{token} {}; it was killed", lingered_before_request()));
+                self.close_channel(key);
+            }
             WState::Spawning => {
-                let why = if lingered {
-                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
-                } else {
-                    format!("a worker of code-{token} exited before signalling readiness: it {}", how())
-                };
-                self.note_failure(token, &why);
+                self.note_failure(token, &format!("a worker of code-{token} exited before signalling readiness: it {}", how()));
                 self.close_channel(key);
             }
             WState::Idle => {
@@ -1715,9 +1714,7 @@ impl Reactor {
                 let started = self.worker(key).is_some_and(|w| {
                     !w.unconfirmed || w.fd.as_ref().is_some_and(|fd| super::take_ready_byte(fd))
                 });
-                let why = if lingered {
-                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
-                } else if started {
+                let why = if started {
                     format!("an idle worker of code-{token} exited: it {}", how())
                 } else {
                     format!("a worker of code-{token} exited before signalling readiness: it {}", how())
