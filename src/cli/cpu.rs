@@ -66,6 +66,11 @@ impl CpuSample {
     }
 }
 
+/// A per-execution figure from ticks, or "?" where `/proc` did not have it.
+pub fn ticks_us(v: Option<f64>) -> String {
+    v.map_or("?".to_string(), |v| format!("{v:.1} µs"))
+}
+
 /// Both kinds of sample at one moment (either may be missing: no `/proc`).
 pub struct Snapshot {
     engine: Option<EngineCpu>,

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{Engine, ExecuteOptions, LoadOptions};
 
-use crate::cpu::{engine_cpu, ticks_per_second, EngineCpu, Snapshot};
+use crate::cpu::{engine_cpu, ticks_per_second, ticks_us, EngineCpu, Snapshot};
 use crate::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -212,11 +212,10 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (from /proc schedstat and status)",
             c.engine_us, c.engine_wakeups
         );
-        let ticks = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} µs"));
         println!(
             "  CPU per execution: runner {}, workers {} (from /proc, {} ticks/s)",
-            ticks(c.runner_us),
-            ticks(c.workers_us),
+            ticks_us(c.runner_us),
+            ticks_us(c.workers_us),
             ticks_per_second()
         );
     }

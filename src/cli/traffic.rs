@@ -17,7 +17,7 @@ use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 use roma_byob::{CodeToken, Engine, ExecuteOptions, LoadOptions, Mode, Response};
 
-use crate::cpu::{PerExecution, Snapshot};
+use crate::cpu::{ticks_us, PerExecution, Snapshot};
 use crate::json::{self, ProtoTypes};
 use crate::EngineArgs;
 
@@ -862,13 +862,12 @@ fn print_report(h: &Header, r: &StepResult) {
         r.late_threshold.as_secs_f64() * 1e3
     );
     if let Some(c) = r.cpu {
-        let ticks = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} µs"));
         println!(
             "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (schedstat; the completion callbacks included), runner {}, workers {} (10 ms ticks)",
             c.engine_us,
             c.engine_wakeups,
-            ticks(c.runner_us),
-            ticks(c.workers_us)
+            ticks_us(c.runner_us),
+            ticks_us(c.workers_us)
         );
     }
     println!("  latency (µs)        count      min      p50      p90      p95      p99    p99.9      max");
