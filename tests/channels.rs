@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{hello, load};
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
-use roma_byob::{Code, Config, Engine, ExecuteOptions, Mode};
+use roma_byob::{Code, CodeToken, Config, Engine, ExecuteOptions, Mode};
 
 fn fds_of(pid: &str) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -23,6 +23,34 @@ fn fds_of(pid: &str) -> Vec<String> {
 
 fn sockets(fds: &[String]) -> Vec<&String> {
     fds.iter().filter(|l| l.starts_with("socket:")).collect()
+}
+
+/// Waits until `token`'s pool is whole and idle, every other worker is gone, and
+/// neither this process's nor the runner's descriptors change for 200 ms (the
+/// runner closes a reaped worker's host end a few ms after the reap): a slow
+/// machine then gets the time it needs, and the counts below are taken at rest.
+fn settle(e: &Engine, token: &CodeToken, pool: usize, runner: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let snapshot = || (fds_of("self"), if runner.is_empty() { Vec::new() } else { fds_of(runner) });
+    let mut last = snapshot();
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = snapshot();
+        let whole = e.idle_workers(token).unwrap() == pool && e.live_workers() == pool;
+        if now != last || !whole {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= Duration::from_millis(200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool of {pool} did not settle within 30 s: {} idle, {} live",
+            e.idle_workers(token).unwrap(),
+            e.live_workers()
+        );
+    }
 }
 
 /// Channels the runner keeps in stock per engine thread, at most (see
@@ -43,7 +71,8 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
         let runner = e.sandbox_pid().to_string();
         let ok = load(&e, "hello_world", 4);
         assert_eq!(hello(&e, &ok).unwrap(), "Hello, world!");
-        std::thread::sleep(Duration::from_millis(300));
+        // The runner's descriptors are readable only as root (see below).
+        settle(&e, &ok, 4, if am_root { &runner } else { "" });
         let engine_before = fds_of("self");
         let early = load(&e, "abort_before_ready", 2);
 
@@ -61,7 +90,7 @@ fn channels_from_the_runner_or_the_engine_thread_serve_every_execution_and_leak_
             assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable), "{err}");
         }
         e.delete(&early).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        settle(&e, &ok, 4, if am_root { &runner } else { "" });
         if !am_root {
             // The runner is not dumpable for other users: its /proc/PID/fd is closed.
             eprintln!("SKIP the runner's descriptor checks: not root");
