@@ -11,7 +11,7 @@ pub fn ticks_per_second() -> f64 {
 /// `/proc/self/task/*/schedstat`: exact, where `stat`'s ticks are 10 ms apart.
 /// Also counts the threads' sleeps: their voluntary context switches (from
 /// `status`), one per wait that found nothing to do, i.e. one per wake-up.
-pub fn engine_cpu() -> Option<EngineCpu> {
+fn engine_cpu() -> Option<EngineCpu> {
     let mut cpu = EngineCpu { ns: 0, sleeps: 0 };
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -28,21 +28,9 @@ pub fn engine_cpu() -> Option<EngineCpu> {
 
 /// The engine threads' CPU time and sleeps so far (see `engine_cpu`).
 #[derive(Clone, Copy)]
-pub struct EngineCpu {
-    pub ns: u64,
-    pub sleeps: u64,
-}
-
-impl EngineCpu {
-    /// "X µs, Y wake-ups per execution" between `before` and `after`.
-    pub fn per_execution(before: EngineCpu, after: EngineCpu, executions: usize) -> String {
-        let n = executions.max(1) as f64;
-        format!(
-            "{:.1} µs, {:.2} wake-ups",
-            after.ns.saturating_sub(before.ns) as f64 / 1e3 / n,
-            after.sleeps.saturating_sub(before.sleeps) as f64 / n
-        )
-    }
+struct EngineCpu {
+    ns: u64,
+    sleeps: u64,
 }
 
 /// CPU ticks (user + system) of the sandbox's top process and of the workers it

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{Engine, ExecuteOptions, LoadOptions};
 
-use crate::cpu::{engine_cpu, ticks_per_second, ticks_us, EngineCpu, Snapshot};
+use crate::cpu::{ticks_per_second, ticks_us, Snapshot};
 use crate::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -114,7 +114,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let mut held = 0usize;
     // Responses the calling thread read from the worker itself (Config::caller_reads).
     let mut direct = 0usize;
-    let engine_before = engine_cpu();
+    let seq_before = Snapshot::take(engine.sandbox_pid());
     for _ in 0..a.sequential {
         // Give the slot time to refill so each request finds a warm worker; where
         // workers start slower than the pace (glibc UDFs in gVisor), wait for one.
@@ -142,12 +142,12 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     report("waiting for a worker", &wait);
     report("sending the request", &send);
     report("waiting for the response", &resp);
-    if let (Some(before), Some(after), true) = (engine_before, engine_cpu(), a.sequential > 0) {
-        // Everything the engine threads did for these executions, the slots' refills
-        // included (the paced loop leaves them nothing else to do).
+    // Everything the engine threads did for these executions, the slots' refills
+    // included (the paced loop leaves them nothing else to do).
+    if let Some(c) = seq_before.per_execution(&Snapshot::take(engine.sandbox_pid()), a.sequential as u64) {
         println!(
-            "  CPU per execution: engine threads {} (from /proc schedstat and status)",
-            EngineCpu::per_execution(before, after, a.sequential)
+            "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (from /proc schedstat and status)",
+            c.engine_us, c.engine_wakeups
         );
     }
 
