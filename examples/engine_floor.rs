@@ -20,6 +20,9 @@
 //! - `--runner-process`: each spawner is a process of its own, forked per host
 //!   thread, as the runner is: it keeps each host end until it reaps that worker and
 //!   reports the ends' numbers on a pipe, and the host takes them with `pidfd_getfd`.
+//! - `--early`: as the engine's `Config::early_dispatch`, a queued execution's
+//!   request goes to a worker as soon as its channel arrives, before its ready
+//!   byte, and one receive takes the ready byte with the response.
 //!
 //! With `--namespaces` at 12,000-15,000 workers/s, a run started right after another
 //! sometimes fails at once: clone returns ENOSPC (seen here; the likely cause, not
@@ -49,7 +52,7 @@
 //!
 //! `cargo run --release --example engine_floor -- --binary UDF [--executions N]
 //! [--pool P] [--in-flight Q] [--batch-wait-us U] [--workers-anywhere]
-//! [--namespaces] [--runner-process]` (defaults
+//! [--namespaces] [--runner-process] [--early]` (defaults
 //! 60000, 5, 32, 0; U > 0 waits as the engine does under load: for 64 completions, or
 //! U µs once one is there). No timeouts: the UDF must send its ready byte, and exit
 //! after answering or on EOF.
@@ -84,6 +87,7 @@ struct Config {
     in_flight: usize,
     batch_wait_us: u32,
     workers_anywhere: bool,
+    early: bool,
     namespaces: bool,
     runner_process: bool,
     cores: Vec<usize>,
@@ -141,6 +145,9 @@ fn main() {
     if c.runner_process {
         println!("  spawners: one process per host thread (fds taken with pidfd_getfd), as the engine's runner");
     }
+    if c.early {
+        println!("  requests: a queued one is written to a worker as its channel arrives, before its ready byte");
+    }
     let start = Instant::now();
     let threads: Vec<_> = (c.cores.iter()).map(|&core| std::thread::spawn(move || host(core))).collect();
     let reports: Vec<Report> = (threads.into_iter()).map(|t| t.join().unwrap_or_else(|_| exit_with("a host thread panicked"))).collect();
@@ -183,6 +190,7 @@ fn parse_args() -> Result<Config, String> {
         in_flight: 32,
         batch_wait_us: 0,
         workers_anywhere: false,
+        early: false,
         namespaces: false,
         runner_process: false,
         cores: roma_byob::ring::current_thread_affinity(),
@@ -201,6 +209,7 @@ fn parse_args() -> Result<Config, String> {
             "--in-flight" => cfg.in_flight = number(1)?,
             "--batch-wait-us" => cfg.batch_wait_us = number(0)?.min(u32::MAX as usize) as u32,
             "--workers-anywhere" => cfg.workers_anywhere = true,
+            "--early" => cfg.early = true,
             "--namespaces" => cfg.namespaces = true,
             "--runner-process" => cfg.runner_process = true,
             other => return Err(format!("unknown argument {other}")),
@@ -315,11 +324,13 @@ struct Slot {
     received: usize,
     /// The response frame's length (varint header included), once the header is in.
     frame: Option<usize>,
+    /// Bytes before the frame: 1 while the ready byte comes first (`--early`).
+    base: usize,
 }
 
 impl Slot {
     fn complete(&self) -> bool {
-        self.frame.is_some_and(|f| self.received >= f)
+        self.frame.is_some_and(|f| self.received >= self.base + f)
     }
 }
 
@@ -417,10 +428,17 @@ impl Host {
     fn add_worker(&mut self, fd: RawFd) {
         let slot = self.free.pop().unwrap_or_else(|| {
             let buf = Box::new([0; BUF]);
-            let s = Slot { fd, buf, inflight: 0, failed: false, received: 0, frame: None };
+            let s = Slot { fd, buf, inflight: 0, failed: false, received: 0, frame: None, base: 0 };
             self.slots.push(s);
             self.slots.len() - 1
         });
+        if cfg().early && self.queued > 0 {
+            self.slots[slot].fd = fd;
+            self.pending_spawns -= 1;
+            self.queued -= 1;
+            self.dispatch(slot, 1);
+            return;
+        }
         let s = &mut self.slots[slot];
         (s.fd, s.inflight) = (fd, 1);
         let recv = opcode::Recv::new(types::Fd(fd), s.buf.as_mut_ptr(), 1).ioprio(POLL_FIRST);
@@ -442,16 +460,16 @@ impl Host {
             }
         } else if self.queued > 0 {
             self.queued -= 1;
-            self.dispatch(slot);
+            self.dispatch(slot, 0);
         } else {
             self.idle.push(slot);
         }
     }
 
-    fn dispatch(&mut self, slot: usize) {
+    fn dispatch(&mut self, slot: usize, base: usize) {
         self.running += 1;
         let s = &mut self.slots[slot];
-        (s.failed, s.received, s.frame) = (false, 0, None);
+        (s.failed, s.received, s.frame, s.base) = (false, 0, None, base);
         s.inflight += 1;
         let send = opcode::Send::new(types::Fd(s.fd), REQUEST.as_ptr(), 1);
         let send = send.flags(libc::MSG_NOSIGNAL).build();
@@ -478,9 +496,9 @@ impl Host {
         } else {
             s.received += res as usize;
             if s.frame.is_none() {
-                s.frame = frame_len(&s.buf[..s.received]);
+                s.frame = frame_len(&s.buf[s.base.min(s.received)..s.received]);
                 // A varint header is at most 10 bytes.
-                s.failed |= s.frame.is_none() && s.received >= 10;
+                s.failed |= s.frame.is_none() && s.received >= s.base + 10;
             }
             if !s.failed && !s.complete() {
                 self.post_resp_recv(slot, 0);
@@ -494,7 +512,7 @@ impl Host {
     fn maybe_finish(&mut self, slot: usize) {
         let s = &self.slots[slot];
         if s.inflight == 0 && (s.failed || s.complete()) {
-            let ok = !s.failed && s.frame == Some(s.received);
+            let ok = !s.failed && s.frame == Some(s.received - s.base);
             self.running -= 1;
             self.release(slot);
             self.finish(ok);
@@ -506,7 +524,7 @@ impl Host {
         self.failures += u64::from(!ok);
         if take_budget() {
             match self.idle.pop() {
-                Some(worker) => self.dispatch(worker),
+                Some(worker) => self.dispatch(worker, 0),
                 None => self.queued += 1,
             }
         }

@@ -43,6 +43,11 @@ pub struct Metrics {
     /// The calling thread read the response from the worker itself, in
     /// `Execution::wait` (`Config::caller_reads`).
     pub read_by_caller: bool,
+    /// The request was written to its worker while the worker was still starting
+    /// (`Config::early_dispatch`): `wait_for_worker` ends when the engine thread
+    /// saw the worker's ready byte, `send` is zero, and `response` counts from the
+    /// ready byte, the timeout's start.
+    pub written_before_ready: bool,
 }
 
 /// A completed execution.
@@ -224,6 +229,7 @@ impl DirectRead {
                         idle_workers_left: self.idle_left,
                         handed_over: true,
                         read_by_caller: true,
+                        written_before_ready: false,
                     };
                     // The shard forgets the execution and closes the channel when it
                     // next wakes: no wake-up for it now.

@@ -106,6 +106,7 @@ impl Engine {
                 busy_poll: config.busy_poll,
                 worker_start_timeout: config.worker_start_timeout,
                 lazy_readiness: config.lazy_readiness,
+                early_dispatch: config.early_dispatch,
                 exit_report_batch: config.exit_report_batch,
                 exit_report_hold: config.exit_report_hold,
                 batch_wait: config.batch_wait,

@@ -1,7 +1,9 @@
-//! Worker readiness (DESIGN §5: a request reaches a worker only after its ready
-//! byte), with `Config::lazy_readiness` on (the default: workers are offered
-//! before their ready byte, and whoever claims one takes the byte) and off, in
-//! every available mode.
+//! Worker readiness (DESIGN §5: a worker writes its ready byte, then reads its
+//! request; the execution's timeout starts at the ready byte), with
+//! `Config::lazy_readiness` on (the default: workers are offered before their
+//! ready byte, and whoever claims one takes the byte) and off, and with
+//! `Config::early_dispatch` on (the default: under load a queued request is
+//! written to a worker still starting) and off, in every available mode.
 
 mod common;
 
@@ -97,5 +99,72 @@ fn the_engine_thread_takes_unconfirmed_workers_for_requests_it_dispatches_itself
             }
             e.delete(&t).unwrap();
         }
+    }
+}
+
+#[test]
+fn queued_requests_are_written_to_starting_workers_and_their_timeout_starts_at_the_ready_byte() {
+    for mode in modes() {
+        for early_dispatch in [true, false] {
+            let e = Engine::new(Config { mode, early_dispatch, ..Default::default() }).unwrap();
+            // One slow_ready worker (300 ms before its ready byte) and four requests
+            // at once: the first takes the loaded worker, the other three queue, and
+            // with early dispatch each is written to the worker spawned when the one
+            // before it ends, 300 ms before that worker's ready byte.
+            let t = load(&e, "slow_ready", 1);
+            let opts = ExecuteOptions {
+                // Under slow_ready's 300 ms, as in the test above: a timeout that
+                // started when the request was written would fire.
+                timeout: Duration::from_millis(250),
+                worker_wait_timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            let runs: Vec<_> =
+                (0..4).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap()).collect();
+            let mut written_early = 0;
+            for (i, run) in runs.into_iter().enumerate() {
+                let r = run.wait().unwrap_or_else(|err| {
+                    panic!("{mode:?}, early_dispatch {early_dispatch}, execution {i}: the 250 ms timeout must start at the ready byte: {err}")
+                });
+                assert_eq!(r.response.greeting, "Hello, world!");
+                written_early += usize::from(r.metrics.written_before_ready);
+            }
+            if early_dispatch {
+                // Three in the expected order of events; two at least whatever the
+                // timing of the first request.
+                assert!(written_early >= 2, "{mode:?}: only {written_early} of 4 requests were written to a starting worker");
+            } else {
+                assert_eq!(written_early, 0, "{mode:?}: a request was written before its worker's ready byte");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_fails_to_start_fails_only_the_request_written_to_it() {
+    for mode in modes() {
+        let config = Config { mode, worker_start_timeout: Duration::from_millis(300), ..Default::default() };
+        let e = Engine::new(config).unwrap();
+        let opts = ExecuteOptions { worker_wait_timeout: Duration::from_secs(30), ..Default::default() };
+        // Every worker aborts before its ready byte, or never sends it: each start
+        // fails one request, the queued one at first and then the one written to
+        // the worker started after the back-off, with the start's own error.
+        for (name, why) in
+            [("abort_before_ready", "exited before signalling readiness"), ("never_ready", "did not signal readiness within 300 ms")]
+        {
+            let t = load(&e, name, 1);
+            let runs: Vec<_> =
+                (0..3).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap()).collect();
+            for (i, run) in runs.into_iter().enumerate() {
+                let err = run.wait().unwrap_err();
+                assert_eq!(err.code(), roma_byob::Code::Unavailable, "{mode:?} {name} execution {i}: {err}");
+                assert!(err.message().contains(why), "{mode:?} {name} execution {i}: {err}");
+            }
+            e.delete(&t).unwrap();
+        }
+        // The engine still serves.
+        let t = load(&e, "hello_world", 1);
+        assert_eq!(hello(&e, &t).unwrap(), "Hello, world!", "{mode:?}");
+        assert_eq!(wait_live(&e, 1), 1, "{mode:?}: worker processes left");
     }
 }

@@ -60,6 +60,10 @@ fn report(name: &str, h: &Histogram<u64>) {
     );
 }
 
+/// One execution of the throughput run: its latency, and whether its request was
+/// written to its worker before the worker's ready byte (`Config::early_dispatch`).
+type LoadResult = Result<(Duration, bool), String>;
+
 pub fn run(a: DemoArgs) -> Result<(), String> {
     let (mode, why) = a.engine.resolve_mode()?;
     let binary = a.binary.clone().unwrap_or_else(|| roma_byob::samples::path("hello_world"));
@@ -161,7 +165,8 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     // Completions land in a queue the submitting thread drains every `collect_us`:
     // a callback that woke this thread per completion would add a futex wake-up
     // (~10 µs of CPU here) to the engine thread's cost of every execution.
-    let results: Arc<Mutex<Vec<Result<Duration, String>>>> = Arc::new(Mutex::new(Vec::new()));
+    let results: Arc<Mutex<Vec<LoadResult>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut written_early = 0usize;
     let mut lat = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut failures = 0usize;
     let start = Instant::now();
@@ -174,7 +179,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             let s = Instant::now();
             engine
                 .execute_with_callback::<_, SampleResponse, _>(&token, &req, queued_opts.clone(), move |r| {
-                    let r = r.map(|_| s.elapsed()).map_err(|e| e.to_string());
+                    let r = r.map(|r| (s.elapsed(), r.metrics.written_before_ready)).map_err(|e| e.to_string());
                     results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
                 })
                 .map_err(|e| e.to_string())?;
@@ -184,8 +189,9 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         std::mem::swap(&mut batch, &mut *results.lock().unwrap_or_else(|p| p.into_inner()));
         for r in batch.drain(..) {
             match r {
-                Ok(d) => {
+                Ok((d, early)) => {
                     let _ = lat.record(us(d));
+                    written_early += usize::from(early);
                 }
                 Err(e) => {
                     failures += 1;
@@ -199,7 +205,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     }
     let elapsed = start.elapsed();
     println!(
-        "throughput, {} executions, {} in flight, {} workers: {:.0} executions/s ({} failed)",
+        "throughput, {} executions, {} in flight, {} workers: {:.0} executions/s ({} failed; {written_early} requests written to a worker still starting)",
         a.executions,
         a.in_flight,
         a.workers,

@@ -85,6 +85,11 @@ pub struct EngineArgs {
     /// take it (Config::lazy_readiness = false).
     #[arg(long)]
     no_lazy_readiness: bool,
+    /// Write a request only after its worker's ready byte, instead of binding
+    /// queued executions to workers as they are spawned and writing the request at
+    /// once (Config::early_dispatch = false).
+    #[arg(long)]
+    no_early_dispatch: bool,
     /// Execution::wait polls this many µs for the answer before parking, when the
     /// worker runs on another core (Config::wait_spin; 0 = park at once).
     #[arg(long, default_value_t = 100)]
@@ -135,6 +140,7 @@ impl EngineArgs {
             runner_channels: !self.no_runner_channels,
             caller_reads: !self.no_caller_reads,
             lazy_readiness: !self.no_lazy_readiness,
+            early_dispatch: !self.no_early_dispatch,
             wait_spin: std::time::Duration::from_micros(self.wait_spin_us),
             runner_path: self.runner.clone(),
             worker_start_timeout: std::time::Duration::from_millis(self.worker_start_timeout_ms),

@@ -157,6 +157,8 @@ pub(crate) struct ShardConfig {
     pub worker_start_timeout: Duration,
     /// See `Config::lazy_readiness`.
     pub lazy_readiness: bool,
+    /// See `Config::early_dispatch`.
+    pub early_dispatch: bool,
     /// See `Config::exit_report_batch` and `Config::exit_report_hold`.
     pub exit_report_batch: usize,
     pub exit_report_hold: Duration,

@@ -126,6 +126,10 @@ struct WorkerConn {
     /// shard does when it needs the worker itself (`take_idle`) or at its start
     /// deadline (`Timer::StartBy`).
     unconfirmed: bool,
+    /// Bound to an execution while starting (`Config::early_dispatch`): its
+    /// request is written, and the first byte it sends is its ready byte, which
+    /// the shard has not seen yet.
+    ready_pending: bool,
 }
 
 struct TokenState {
@@ -176,6 +180,9 @@ struct ExecState {
     handoff: Option<(Arc<Handoff>, Option<Arc<OwnedFd>>)>,
     /// This shard reads the response from the worker (a receive was posted for it).
     engine_reads: bool,
+    /// Bound to a starting worker (`Config::early_dispatch`): its timeout starts
+    /// when the worker's ready byte comes in.
+    written_before_ready: bool,
 }
 
 /// A complete response on its way to the caller.
@@ -804,6 +811,7 @@ impl Reactor {
                 handed_frame,
                 handoff: handoff.map(|h| (h, None)),
                 engine_reads: false,
+                written_before_ready: false,
             },
         );
         if let Some(key) = claimed_key {
@@ -1019,6 +1027,7 @@ impl Reactor {
             killed_from: None,
             runner_copy: channel != 0,
             unconfirmed: false,
+            ready_pending: false,
         };
         let key = match self.free.pop() {
             Some(k) => {
@@ -1039,8 +1048,22 @@ impl Reactor {
             && self.tokens.get(&token).is_some_and(|t| {
                 t.entry.direct && t.queue.is_empty() && t.lazy_paused_until.is_none_or(|u| u <= Instant::now())
             });
+        // Under load: the oldest queued execution goes to this worker now (see
+        // `Config::early_dispatch`).
+        let early = if lazy || shm_on || !self.config.early_dispatch {
+            None
+        } else {
+            self.tokens.get_mut(&token).and_then(|t| t.queue.pop_front())
+        };
         if lazy {
             self.offer_unconfirmed(key);
+        } else if let Some(exec_id) = early {
+            if let Some(w) = self.worker(key) {
+                w.ready_pending = true;
+            }
+            // The ready byte and the response come on one receive.
+            self.post_worker_recv(key, RECV_CHUNK, true);
+            self.dispatch(exec_id, key);
         } else {
             self.post_worker_recv(key, 1, true);
         }
@@ -1237,7 +1260,7 @@ impl Reactor {
         let Some(w) = self.worker(key) else { return };
         w.state = WState::Busy;
         w.exec = Some(exec_id);
-        let (token, gen, armed) = (w.token, w.gen, w.armed);
+        let (token, gen, armed, starting) = (w.token, w.gen, w.armed, w.ready_pending);
         let fd = w.fd.clone();
         let (idle_left, entry) = match self.tokens.get(&token) {
             Some(t) => (t.idle.len(), Some(t.entry.clone())),
@@ -1247,14 +1270,19 @@ impl Reactor {
             entry.per_shard[self.config.index].idle.store(idle_left, Ordering::Relaxed);
         }
         let Some(exec) = self.execs.get_mut(&exec_id) else { return };
-        let claimed_at = exec.handed.or(exec.placed.map(|(_, at)| at));
-        exec.dispatched = Some(claimed_at.unwrap_or(now));
         exec.worker = Some(key);
         exec.idle_left = idle_left;
-        // A handed-over execution's clock started when the caller claimed the worker
-        // (the shard may learn of it later).
-        let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
-        self.timers.push(deadline, exec.timeout, Timer::Deadline(exec_id, key, gen));
+        if starting {
+            // Its clock starts at the worker's ready byte (`ready_seen`).
+            exec.written_before_ready = true;
+        } else {
+            // A handed-over execution's clock started when the caller claimed the
+            // worker (the shard may learn of it later).
+            let claimed_at = exec.handed.or(exec.placed.map(|(_, at)| at));
+            exec.dispatched = Some(claimed_at.unwrap_or(now));
+            let deadline = super::deadline_after(exec.dispatched.unwrap_or(now), exec.timeout);
+            self.timers.push(deadline, exec.timeout, Timer::Deadline(exec_id, key, gen));
+        }
         match exec.handoff.as_mut() {
             // The caller may read the answer: nothing is posted until the shard takes
             // the execution over.
@@ -1455,17 +1483,25 @@ impl Reactor {
         }
     }
 
+    /// A worker of `token` failed to start: respawns back off, and the oldest
+    /// queued execution fails with `why`.
     fn note_failure(&mut self, token: u64, why: &str) {
+        self.back_off(token);
+        let victim = self.tokens.get_mut(&token).and_then(|t| t.queue.pop_front());
+        if let Some(id) = victim {
+            self.complete(id, Err(Error::Unavailable(why.to_string())));
+        }
+    }
+
+    /// Counts a failed start of a worker of `token`: its slots are refilled only
+    /// after a back-off that doubles with each failure in a row.
+    fn back_off(&mut self, token: u64) {
         let Some(t) = self.tokens.get_mut(&token) else { return };
         t.failures += 1;
         let backoff = Duration::from_millis(5u64 << t.failures.min(8)).min(MAX_BACKOFF);
         let at = Instant::now() + backoff;
         t.respawn_at = Some(at);
-        let victim = t.queue.pop_front();
         self.timers.push(at, backoff, Timer::Respawn(token));
-        if let Some(id) = victim {
-            self.complete(id, Err(Error::Unavailable(why.to_string())));
-        }
     }
 
     // ----- completions ------------------------------------------------------------
@@ -1688,6 +1724,8 @@ impl Reactor {
         }
         let Some(w) = self.worker(key) else { return };
         let (state, token, exec, failure) = (w.state, w.token, w.exec, w.failure.take());
+        // Bound to its execution while starting and gone before its ready byte.
+        let unstarted = w.ready_pending;
         // Killed at the grace (which left it Finished): judged as what it was then.
         let state = match w.killed_from {
             Some(from @ (WState::Spawning | WState::Idle)) => from,
@@ -1701,6 +1739,21 @@ impl Reactor {
             None => describe_status(status),
         };
         match state {
+            WState::Busy | WState::Finished if unstarted && exec.is_some() => {
+                // A failed start (back-off), which costs the execution bound to the
+                // worker (early dispatch), not another queued one.
+                let why = if lingered {
+                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
+                } else {
+                    let detail = failure.map(|f| format!(" ({f})")).unwrap_or_default();
+                    format!("a worker of code-{token} exited before signalling readiness{detail}: it {}", how())
+                };
+                self.back_off(token);
+                if let Some(id) = exec {
+                    self.complete(id, Err(Error::Unavailable(why)));
+                }
+                self.close_channel(key);
+            }
             WState::Spawning | WState::Idle if lingered => {
                 self.note_failure(token, &format!("a worker of code-{token} {}; it was killed", lingered_before_request()));
                 self.close_channel(key);
@@ -1923,6 +1976,18 @@ impl Reactor {
                     return;
                 }
                 w.filled += n;
+                if w.ready_pending {
+                    // Its ready byte first (early dispatch), maybe with more behind.
+                    w.ready_pending = false;
+                    w.buf.copy_within(1..w.filled, 0);
+                    w.filled -= 1;
+                    let more = w.filled > 0;
+                    self.ready_seen(key);
+                    if !more {
+                        self.post_worker_recv(key, RECV_CHUNK, false);
+                        return;
+                    }
+                }
                 self.parse_busy(key, max);
             }
             WState::Finished => {}
@@ -1959,6 +2024,20 @@ impl Reactor {
         if arm {
             self.post_worker_recv(key, RECV_CHUNK, true);
         }
+    }
+
+    /// The ready byte of worker `key`, bound to its execution while it started
+    /// (`Config::early_dispatch`), came in: it has started, and the execution's
+    /// timeout starts now, as for a request written after the byte.
+    fn ready_seen(&mut self, key: u32) {
+        self.started(key);
+        let Some(w) = self.worker(key) else { return };
+        let (gen, exec) = (w.gen, w.exec);
+        let Some(id) = exec else { return };
+        let Some(e) = self.execs.get_mut(&id) else { return };
+        let now = Instant::now();
+        e.dispatched = Some(now);
+        self.timers.push(super::deadline_after(now, e.timeout), e.timeout, Timer::Deadline(id, key, gen));
     }
 
     /// Parses what a busy worker sent: host calls (any number) and then the response
@@ -2255,7 +2334,9 @@ impl Reactor {
     fn metrics(&self, id: u64, done: Instant) -> Metrics {
         let Some(e) = self.execs.get(&id) else { return Metrics::default() };
         let dispatched = e.dispatched.unwrap_or(done);
-        let sent = e.sent.unwrap_or(done);
+        // Written before the ready byte (early dispatch): the response counts from
+        // that byte.
+        let sent = e.sent.unwrap_or(done).max(dispatched);
         Metrics {
             wait_for_worker: dispatched.saturating_duration_since(e.submitted),
             send: sent.saturating_duration_since(dispatched),
@@ -2263,6 +2344,7 @@ impl Reactor {
             idle_workers_left: e.idle_left,
             handed_over: e.handed.is_some(),
             read_by_caller: false,
+            written_before_ready: e.written_before_ready,
         }
     }
 
@@ -2370,7 +2452,7 @@ impl Reactor {
                     );
                 }
                 Timer::StartBy(key, gen) => {
-                    if self.settle_unconfirmed(key, gen) {
+                    if self.settle_unconfirmed(key, gen) || self.kill_unstarted_bound(key, gen) {
                         continue;
                     }
                     let timeout = self.config.worker_start_timeout;
@@ -2428,6 +2510,23 @@ impl Reactor {
             w.unconfirmed = false;
         }
         false
+    }
+
+    /// At its start deadline, a worker bound to its execution while starting
+    /// (early dispatch) whose ready byte has not come is killed; its exit report
+    /// then fails that execution and counts the failed start (see
+    /// `on_worker_exit`). False if it is not such a worker.
+    fn kill_unstarted_bound(&mut self, key: u32, gen: u32) -> bool {
+        let timeout = self.config.worker_start_timeout;
+        let Some(w) = self.unexited(key, gen) else { return false };
+        if !(w.ready_pending && w.state == WState::Busy) {
+            return false;
+        }
+        w.failure = Some(format!("it did not signal readiness within {} ms and was killed", timeout.as_millis()));
+        let token = w.token;
+        tracing::warn!(shard = self.config.index, token, "a worker of code-{token} did not signal readiness in time; killed");
+        self.kill_worker(key);
+        true
     }
 
     /// The worker (key, generation) if it is still the same one and not reported
