@@ -202,9 +202,12 @@ pub struct Config {
     /// sees the ready byte (with the response, the response is already in); a
     /// worker that fails before its ready byte is a start failure of its token
     /// (back-off), and the execution bound to it fails with that error, as a
-    /// queued execution does with a failed start today; the request is read only
-    /// by the worker it was written to. `Metrics::written_before_ready` tells such
-    /// executions. Off: a request is written only after its worker's ready byte.
+    /// queued execution does with a failed start; if the sandbox dies before the
+    /// ready byte, the execution goes back to its queue (the worker sent nothing,
+    /// so by the protocol it never read the request) and runs in the restarted
+    /// sandbox; the request is read only by the worker it was written to.
+    /// `Metrics::written_before_ready` tells such executions. Off: a request is
+    /// written only after its worker's ready byte.
     pub early_dispatch: bool,
     /// The sandbox may hold back the exit reports of workers that answered and
     /// exited cleanly, and send up to this many in one message, so the engine

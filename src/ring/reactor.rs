@@ -1906,7 +1906,7 @@ impl Reactor {
             w.failure = Some(format!("request write failed: {}", std::io::Error::from_raw_os_error(-res)));
             return;
         }
-        let shm = w.shm.is_some();
+        let (shm, starting) = (w.shm.is_some(), w.ready_pending);
         let Some(exec) = self.execs.get_mut(&exec_id) else { return };
         if shm {
             exec.sent = Some(Instant::now());
@@ -1918,7 +1918,10 @@ impl Reactor {
             self.post_worker_send(key, exec_id);
         } else {
             exec.sent = Some(Instant::now());
-            exec.frame = Vec::new();
+            if !starting {
+                // Kept until the ready byte otherwise (see `requeue_unstarted`).
+                exec.frame = Vec::new();
+            }
         }
     }
 
@@ -2037,6 +2040,10 @@ impl Reactor {
         let Some(e) = self.execs.get_mut(&id) else { return };
         let now = Instant::now();
         e.dispatched = Some(now);
+        if e.sent.is_some() {
+            // Written whole: no longer needed (see `requeue_unstarted`).
+            e.frame = Vec::new();
+        }
         self.timers.push(super::deadline_after(now, e.timeout), e.timeout, Timer::Deadline(id, key, gen));
     }
 
@@ -2600,6 +2607,7 @@ impl Reactor {
         self.runner_dead = true;
         // SAFETY: shutting down our own socket so pending control ops complete.
         unsafe { libc::shutdown(self.ctl.as_raw_fd(), libc::SHUT_RDWR) };
+        self.requeue_unstarted();
         let msg = format!("{why}; the execution's worker was lost (the sandbox is being restarted)");
         let busy: Vec<u64> = self.execs.iter().filter(|(_, e)| e.worker.is_some()).map(|(id, _)| *id).collect();
         for id in busy {
@@ -2623,6 +2631,39 @@ impl Reactor {
             t.entry.per_shard[self.config.index].ready.clear();
         }
         let _ = self.shared.events.send(SupervisorEvent::RunnerDied { epoch: self.epoch });
+    }
+
+    /// The sandbox died: executions written to workers that never signalled
+    /// readiness (early dispatch) go back to the front of their queues, oldest
+    /// first, to run in the restarted sandbox like every queued execution. Such a
+    /// worker sent nothing (its first byte would have been its ready byte), so by
+    /// the protocol it never read the request, and made no host call.
+    fn requeue_unstarted(&mut self) {
+        let mut back: Vec<(u64, u32)> = self
+            .execs
+            .iter()
+            .filter_map(|(id, e)| {
+                let key = e.worker?;
+                let w = self.workers.get(key as usize)?.as_ref()?;
+                (w.ready_pending && !e.frame.is_empty() && self.tokens.contains_key(&e.token)).then_some((*id, key))
+            })
+            .collect();
+        back.sort_unstable_by_key(|&(id, _)| std::cmp::Reverse(id));
+        let now = Instant::now();
+        for (id, key) in back {
+            if let Some(w) = self.worker(key) {
+                w.exec = None;
+            }
+            let Some(e) = self.execs.get_mut(&id) else { continue };
+            (e.worker, e.written, e.sent, e.dispatched, e.written_before_ready) = (None, 0, None, None, false);
+            // Its worker wait ends when it did (a timer that fired while the
+            // execution had a worker was skipped).
+            let (token, wait_until) = (e.token, e.worker_wait_deadline.max(now));
+            self.timers.push(wait_until, wait_until - now, Timer::WorkerWait(id));
+            if let Some(t) = self.tokens.get_mut(&token) {
+                t.queue.push_front(id);
+            }
+        }
     }
 
     fn fail_everything(&mut self, why: &str) {
