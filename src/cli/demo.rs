@@ -205,13 +205,14 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     }
     let elapsed = start.elapsed();
     println!(
-        "throughput, {} executions, {} in flight, {} workers: {:.0} executions/s ({} failed; {written_early} requests written to a worker still starting)",
+        "throughput, {} executions, {} in flight, {} workers: {:.0} executions/s ({} failed)",
         a.executions,
         a.in_flight,
         a.workers,
         a.executions as f64 / elapsed.as_secs_f64(),
         failures
     );
+    println!("  requests written to a worker still starting (Config::early_dispatch): {written_early}");
     report("latency under load", &lat);
     if let Some(c) = cpu_before.per_execution(&Snapshot::take(engine.sandbox_pid()), a.executions as u64) {
         println!(
