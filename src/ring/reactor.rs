@@ -463,7 +463,9 @@ impl Reactor {
                     std::hint::spin_loop();
                 }
             }
-            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(self.wake_time()) {
+            // Computed once for the promise to callers and the wait's timeout.
+            let wake_at = self.wake_time(Instant::now());
+            if !self.ring.completion().is_empty() || !self.shared.prepare_to_sleep(wake_at) {
                 // Work is already here: submit without waiting.
                 if let Err(e) = self.ring.submit() {
                     tracing::error!(error = %e, "io_uring submit failed");
@@ -473,7 +475,7 @@ impl Reactor {
                 self.yield_to_woken_waiter();
                 continue;
             }
-            let res = self.wait();
+            let res = self.wait(wake_at);
             self.shared.awake();
             if let Err(e) = res {
                 match e.raw_os_error() {
@@ -513,9 +515,9 @@ impl Reactor {
     /// least one (IORING_ENTER_EXT_ARG min_wait): a wake-up costs tens of µs of CPU
     /// in a VM, and under load one wake-up per batch instead of one per completion is
     /// most of the engine threads' CPU. One execution at a time never waits for it.
-    fn wait(&mut self) -> std::io::Result<usize> {
-        // Never past `wake_time`: that is what `prepare_to_sleep` promised callers.
-        let t = self.wake_time().saturating_duration_since(Instant::now());
+    fn wait(&mut self, wake_at: Instant) -> std::io::Result<usize> {
+        // Never past `wake_at`: that is what `prepare_to_sleep` promised callers.
+        let t = wake_at.saturating_duration_since(Instant::now());
         let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
         if self.batching && self.execs.len() >= self.config.batch_min_in_flight {
             let us = self.config.batch_wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
@@ -541,8 +543,8 @@ impl Reactor {
 
     /// When the shard wakes by itself if nothing happens: the next timer, and at
     /// the latest `IDLE_WAKE` from now.
-    fn wake_time(&self) -> Instant {
-        let idle = Instant::now() + IDLE_WAKE;
+    fn wake_time(&self, now: Instant) -> Instant {
+        let idle = now + IDLE_WAKE;
         self.timers.next_due().map_or(idle, |at| at.min(idle))
     }
 
