@@ -13,6 +13,13 @@ use common::*;
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
 use roma_byob::{CodeToken, Config, Engine, ExecuteOptions, Mode};
 
+/// A timeout under slow_ready's 300 ms before its ready byte: one that started when
+/// the worker was claimed or the request written would fire; 250 ms leaves the rest
+/// of the execution room on a slow machine.
+fn within_slow_readys_start() -> ExecuteOptions {
+    ExecuteOptions { timeout: Duration::from_millis(250), worker_wait_timeout: Duration::from_secs(30), ..Default::default() }
+}
+
 #[test]
 fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
     for mode in modes() {
@@ -21,13 +28,7 @@ fn a_request_waits_for_its_workers_ready_byte_and_its_timeout_starts_there() {
             // slow_ready sleeps 300 ms before its ready byte; each execution gets a
             // fresh worker, claimed (lazy) or queued for (not) while it sleeps.
             let t = load(&e, "slow_ready", 1);
-            let opts = ExecuteOptions {
-                // Under slow_ready's 300 ms, so a timeout that started at the claim
-                // fires; 250 ms leaves the rest of the execution room on a slow machine.
-                timeout: Duration::from_millis(250),
-                worker_wait_timeout: Duration::from_secs(30),
-                ..Default::default()
-            };
+            let opts = within_slow_readys_start();
             for i in 0..3 {
                 let r = e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap().wait();
                 let r = r.unwrap_or_else(|err| {
@@ -112,13 +113,7 @@ fn queued_requests_are_written_to_starting_workers_and_their_timeout_starts_at_t
             // with early dispatch each is written to the worker spawned when the one
             // before it ends, 300 ms before that worker's ready byte.
             let t = load(&e, "slow_ready", 1);
-            let opts = ExecuteOptions {
-                // Under slow_ready's 300 ms, as in the test above: a timeout that
-                // started when the request was written would fire.
-                timeout: Duration::from_millis(250),
-                worker_wait_timeout: Duration::from_secs(30),
-                ..Default::default()
-            };
+            let opts = within_slow_readys_start();
             let runs: Vec<_> =
                 (0..4).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap()).collect();
             let mut written_early = 0;
