@@ -163,3 +163,27 @@ fn a_worker_that_fails_to_start_fails_only_the_request_written_to_it() {
         assert_eq!(wait_live(&e, 1), 1, "{mode:?}: worker processes left");
     }
 }
+
+#[test]
+fn requests_written_to_starting_workers_keep_their_own_logs() {
+    for mode in modes() {
+        let e = Engine::new(Config { mode, ..Default::default() }).unwrap();
+        // One logging worker and eight requests at once: seven queue, and each is
+        // written to the worker spawned for it before that worker's ready byte. Each
+        // gets exactly its own worker's output (memfds per worker), whichever path.
+        let t = e.load_for_logging(&load(&e, "log_udf", 1), 1).unwrap();
+        let opts = ExecuteOptions { worker_wait_timeout: Duration::from_secs(30), ..Default::default() };
+        let runs: Vec<_> =
+            (0..8).map(|_| e.execute::<_, SampleResponse>(&t, &SampleRequest::default(), opts.clone()).unwrap()).collect();
+        let mut written_early = 0;
+        for (i, run) in runs.into_iter().enumerate() {
+            let r = run.wait().unwrap_or_else(|err| panic!("{mode:?}, execution {i}: {err}"));
+            assert_eq!(r.response.greeting, "Hello, world!", "{mode:?}, execution {i}");
+            let logs = r.logs.unwrap_or_else(|err| panic!("{mode:?}, execution {i}: {err}"));
+            assert_eq!(String::from_utf8_lossy(&logs.stdout), "I am a stdout log.\n", "{mode:?}, execution {i}");
+            assert_eq!(String::from_utf8_lossy(&logs.stderr), "I am a stderr log.\n", "{mode:?}, execution {i}");
+            written_early += usize::from(r.metrics.written_before_ready);
+        }
+        assert!(written_early >= 1, "{mode:?}: no request was written to a starting worker");
+    }
+}
