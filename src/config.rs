@@ -186,19 +186,22 @@ pub struct Config {
     /// writes nothing and leaves the execution to the engine thread, which waits
     /// for the byte as for any starting worker. The protocol does not change: a
     /// request handed over this way is written only after its worker's ready
-    /// byte, and its timeout starts then. What it saves is the engine thread's wake-up for each ready
-    /// byte in sequential traffic (about one of the two per execution, see
-    /// BENCHMARKS.md). An unconfirmed worker nobody claims is checked at
-    /// `worker_start_timeout`. Off: every ready byte is read by the engine thread.
+    /// byte, and its timeout starts then. What it saves is the engine thread's
+    /// wake-up for each ready byte in sequential traffic (about one of the two per
+    /// execution, see BENCHMARKS.md). An unconfirmed worker nobody claims is
+    /// checked at `worker_start_timeout`. Off: every ready byte is read by the
+    /// engine thread.
     pub lazy_readiness: bool,
     /// Under load, a code token's oldest queued execution is bound to each worker
     /// of that token as it is spawned, and its request written to the worker's
     /// socket at once, before the worker's ready byte (socket transport; not for
     /// shared-memory tokens). The worker reads it right after its ready byte, as
     /// the protocol has it (DESIGN §5), without waiting for the engine thread to
-    /// see the byte and answer it; the engine thread reads the ready byte together
-    /// with the response: one completion and often one wake-up less per
-    /// execution. What does not change: the timeout starts when the engine thread
+    /// see the byte and answer it; the engine thread reads the ready byte with the
+    /// response on one receive, and a ready byte it consumes no longer wakes a
+    /// worker sleeping in `read` for nothing. Measured: a few per cent of the
+    /// engine threads' CPU under load at most (BENCHMARKS.md, eighteenth
+    /// session). What does not change: the timeout starts when the engine thread
     /// sees the ready byte (with the response, the response is already in); a
     /// worker that fails before its ready byte is a start failure of its token
     /// (back-off), and the execution bound to it fails with that error, as a
