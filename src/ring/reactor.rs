@@ -1748,12 +1748,13 @@ impl Reactor {
             Some(e) => format!("could not be started: {e}"),
             None => describe_status(status),
         };
+        let killed_lingering = || format!("a worker of code-{token} {}; it was killed", lingered_before_request());
         match state {
             WState::Busy | WState::Finished if unstarted && exec.is_some() => {
                 // A failed start (back-off), which costs the execution bound to the
                 // worker (early dispatch), not another queued one.
                 let why = if lingered {
-                    format!("a worker of code-{token} {}; it was killed", lingered_before_request())
+                    killed_lingering()
                 } else {
                     let detail = failure.map(|f| format!(" ({f})")).unwrap_or_default();
                     format!("a worker of code-{token} exited before signalling readiness{detail}: it {}", how())
@@ -1765,7 +1766,7 @@ impl Reactor {
                 self.close_channel(key);
             }
             WState::Spawning | WState::Idle if lingered => {
-                self.note_failure(token, &format!("a worker of code-{token} {}; it was killed", lingered_before_request()));
+                self.note_failure(token, &killed_lingering());
                 self.close_channel(key);
             }
             WState::Spawning => {

@@ -343,20 +343,17 @@ impl Spawner {
         if pid < 0 {
             let errno = (-pid) as i32;
             let e = io::Error::from_raw_os_error(errno);
-            if errno == libc::ENOSPC && namespaces != 0 {
-                // Seen at 12,000-15,000 namespaced spawns/s sustained for seconds
-                // (BENCHMARKS.md, seventeenth session): the kernel frees an exited
-                // worker's namespaces asynchronously, and their count can reach the
-                // per-user limit.
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "clone: {e}: the limit on user, PID or UTS namespaces (/proc/sys/user/max_user_namespaces and the like) is reached; \
-                         the kernel frees exited workers' namespaces asynchronously, so a high spawn rate can outrun it: raise those limits"
-                    ),
-                ));
-            }
-            return Err(io::Error::new(e.kind(), format!("clone: {e}")));
+            // Seen at 12,000-15,000 namespaced spawns/s sustained for seconds
+            // (BENCHMARKS.md, seventeenth session): the kernel frees an exited
+            // worker's namespaces asynchronously, and their count can reach the
+            // per-user limit.
+            let hint = if errno == libc::ENOSPC && namespaces != 0 {
+                ": the limit on user, PID or UTS namespaces (/proc/sys/user/max_user_namespaces and the like) is reached; \
+                 the kernel frees exited workers' namespaces asynchronously, so a high spawn rate can outrun it: raise those limits"
+            } else {
+                ""
+            };
+            return Err(io::Error::new(e.kind(), format!("clone: {e}{hint}")));
         }
         let pid = pid as libc::pid_t;
         if ctx.failed_step != 0 {
