@@ -541,11 +541,27 @@ impl Reactor {
         }
     }
 
-    /// When the shard wakes by itself if nothing happens: the next timer, and at
-    /// the latest `IDLE_WAKE` from now.
-    fn wake_time(&self, now: Instant) -> Instant {
+    /// When the shard wakes by itself if nothing happens: the next timer that can
+    /// still do something, and at the latest `IDLE_WAKE` from now.
+    ///
+    /// Timers of executions that ended and of workers that exited are dropped
+    /// first. Under load almost every timer is such a one (each execution leaves a
+    /// timeout, each spawn a start deadline), and waiting for them would end a
+    /// sleep every few hundred µs on a timer interrupt: in a VM each costs the
+    /// engine thread ~20 µs of CPU (BENCHMARKS.md, nineteenth session).
+    fn wake_time(&mut self, now: Instant) -> Instant {
+        let Self { timers, execs, workers, .. } = self;
+        let unexited = |key: u32, gen: u32| {
+            workers.get(key as usize).and_then(|w| w.as_ref()).is_some_and(|w| w.gen == gen && w.exited.is_none())
+        };
+        timers.drop_stale(|t| match *t {
+            Timer::WorkerWait(id) | Timer::CallerRead(id) => !execs.contains_key(&id),
+            Timer::Deadline(id, key, gen) => !execs.contains_key(&id) && !unexited(key, gen),
+            Timer::StartBy(key, gen) | Timer::ExitBy(key, gen) => !unexited(key, gen),
+            Timer::Respawn(_) => false,
+        });
         let idle = now + IDLE_WAKE;
-        self.timers.next_due().map_or(idle, |at| at.min(idle))
+        timers.next_due().map_or(idle, |at| at.min(idle))
     }
 
     /// Handles every queued command. Also called before the shard acts on anything

@@ -79,6 +79,21 @@ impl<T: Ord + Copy> Timers<T> {
         self.earliest().map(|(at, _)| at)
     }
 
+    /// Drops the timers at the front of each lane and of the heap that `stale`
+    /// says can no longer do anything, so `next_due` is the earliest timer that may
+    /// (each timer is looked at once while it stays at a front). A timer behind a
+    /// live one stays until it comes due.
+    pub fn drop_stale(&mut self, mut stale: impl FnMut(&T) -> bool) {
+        for lane in &mut self.lanes {
+            while lane.due.front().is_some_and(|(_, t)| stale(t)) {
+                lane.due.pop_front();
+            }
+        }
+        while self.heap.peek().is_some_and(|Reverse((_, t))| stale(t)) {
+            self.heap.pop();
+        }
+    }
+
     /// Takes the earliest timer due at `now`, if any.
     pub fn pop_due(&mut self, now: Instant) -> Option<T> {
         match self.earliest() {
@@ -173,6 +188,30 @@ mod tests {
             }
         }
         assert_eq!(t.len(), heap.len());
+    }
+
+    #[test]
+    fn stale_timers_at_the_fronts_are_dropped_and_live_ones_kept() {
+        let base = Instant::now();
+        let ms = Duration::from_millis;
+        let mut t = Timers::default();
+        // A lane: stale 1, 2, live 3, stale 4. The heap (out of order): stale 5, live 6.
+        for (at, id) in [(10, 1), (11, 2), (12, 3), (13, 4)] {
+            t.push(base + ms(at), ms(10), id);
+        }
+        t.push(base + ms(5), ms(10), 5);
+        t.push(base + ms(6), ms(10), 6);
+        assert_eq!(t.heap.len(), 2);
+        let live = [3, 6];
+        t.drop_stale(|id| !live.contains(id));
+        // 1, 2 and 5 are gone; 4 stays behind the live 3 until it comes due.
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.next_due(), Some(base + ms(6)));
+        assert_eq!(drain(&mut t, base + ms(100)), vec![6, 3, 4]);
+        // Everything stale: nothing is due any more.
+        t.push(base + ms(20), ms(10), 7);
+        t.drop_stale(|_| true);
+        assert_eq!(t.next_due(), None);
     }
 
     #[test]
