@@ -24,6 +24,16 @@
 //!   request goes to a worker as soon as its channel arrives, before its ready
 //!   byte, and one receive takes the ready byte with the response.
 //!
+//! Two options test what a wait or a ready byte costs (BENCHMARKS.md, nineteenth
+//! session):
+//! - `--poll-ready`: a new worker's ready byte is polled for (`PollAdd`), not
+//!   read; the response's receive takes it. Avoids waking the worker when the
+//!   byte is consumed; measured no cheaper for the host thread.
+//! - `--timed-wait`: every `io_uring_enter` wait carries a 1 s timeout, as the
+//!   engine's waits carry the next timer's. A far timeout costs nothing measurable;
+//!   a near one (`--batch-wait-us`, the engine's `batch_wait`) ends waits on timer
+//!   interrupts, which cost tens of µs each in this VM.
+//!
 //! With `--namespaces` at 12,000-15,000 workers/s, a run started right after another
 //! sometimes fails at once: clone returns ENOSPC (seen here; the likely cause, not
 //! checked, is the previous run's namespaces still being freed, which the kernel
@@ -52,7 +62,7 @@
 //!
 //! `cargo run --release --example engine_floor -- --binary UDF [--executions N]
 //! [--pool P] [--in-flight Q] [--batch-wait-us U] [--workers-anywhere]
-//! [--namespaces] [--runner-process] [--early]` (defaults
+//! [--namespaces] [--runner-process] [--early] [--poll-ready] [--timed-wait]` (defaults
 //! 60000, 5, 32, 0; U > 0 waits as the engine does under load: for 64 completions, or
 //! U µs once one is there). No timeouts: the UDF must send its ready byte, and exit
 //! after answering or on EOF.
@@ -88,6 +98,8 @@ struct Config {
     batch_wait_us: u32,
     workers_anywhere: bool,
     early: bool,
+    poll_ready: bool,
+    timed_wait: bool,
     namespaces: bool,
     runner_process: bool,
     cores: Vec<usize>,
@@ -126,7 +138,7 @@ fn exit_with(msg: &str) -> ! {
 
 fn main() {
     let config = parse_args().unwrap_or_else(|msg| {
-        eprintln!("{msg}\nusage: engine_floor --binary UDF [--executions N] [--pool P] [--in-flight Q] [--batch-wait-us U] [--workers-anywhere] [--namespaces] [--runner-process]");
+        eprintln!("{msg}\nusage: engine_floor --binary UDF [--executions N] [--pool P] [--in-flight Q] [--batch-wait-us U] [--workers-anywhere] [--namespaces] [--runner-process] [--early] [--poll-ready] [--timed-wait]");
         std::process::exit(2)
     });
     let (n, c) = (config.executions, CONFIG.get_or_init(|| config));
@@ -191,6 +203,8 @@ fn parse_args() -> Result<Config, String> {
         batch_wait_us: 0,
         workers_anywhere: false,
         early: false,
+        poll_ready: false,
+        timed_wait: false,
         namespaces: false,
         runner_process: false,
         cores: roma_byob::ring::current_thread_affinity(),
@@ -210,6 +224,8 @@ fn parse_args() -> Result<Config, String> {
             "--batch-wait-us" => cfg.batch_wait_us = number(0)?.min(u32::MAX as usize) as u32,
             "--workers-anywhere" => cfg.workers_anywhere = true,
             "--early" => cfg.early = true,
+            "--poll-ready" => cfg.poll_ready = true,
+            "--timed-wait" => cfg.timed_wait = true,
             "--namespaces" => cfg.namespaces = true,
             "--runner-process" => cfg.runner_process = true,
             other => return Err(format!("unknown argument {other}")),
@@ -324,8 +340,11 @@ struct Slot {
     received: usize,
     /// The response frame's length (varint header included), once the header is in.
     frame: Option<usize>,
-    /// Bytes before the frame: 1 while the ready byte comes first (`--early`).
+    /// Bytes before the frame: 1 while the ready byte comes first (`--early`,
+    /// `--poll-ready`).
     base: usize,
+    /// `--poll-ready`: the ready byte is still in the socket.
+    unread_ready: bool,
 }
 
 impl Slot {
@@ -378,6 +397,10 @@ impl Host {
 
     fn wait(&mut self) {
         let waited = match cfg().batch_wait_us {
+            0 if cfg().timed_wait => {
+                let ts = types::Timespec::new().sec(1);
+                self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            }
             0 => self.ring.submit_and_wait(1),
             us => {
                 let ts = types::Timespec::new().nsec(100_000_000);
@@ -414,6 +437,8 @@ impl Host {
                 }
                 self.post_new_read();
             }
+            // A poll's events: readable, and the peer not gone.
+            K_READY if cfg().poll_ready => self.ready(slot, res > 0 && res as i16 & (libc::POLLIN | libc::POLLHUP) == libc::POLLIN),
             K_READY => self.ready(slot, res == 1),
             K_SEND => {
                 self.slots[slot].inflight -= 1;
@@ -428,7 +453,7 @@ impl Host {
     fn add_worker(&mut self, fd: RawFd) {
         let slot = self.free.pop().unwrap_or_else(|| {
             let buf = Box::new([0; BUF]);
-            let s = Slot { fd, buf, inflight: 0, failed: false, received: 0, frame: None, base: 0 };
+            let s = Slot { fd, buf, inflight: 0, failed: false, received: 0, frame: None, base: 0, unread_ready: false };
             self.slots.push(s);
             self.slots.len() - 1
         });
@@ -440,9 +465,13 @@ impl Host {
             return;
         }
         let s = &mut self.slots[slot];
-        (s.fd, s.inflight) = (fd, 1);
-        let recv = opcode::Recv::new(types::Fd(fd), s.buf.as_mut_ptr(), 1).ioprio(POLL_FIRST);
-        self.push(recv.build().user_data(K_READY << 56 | slot as u64));
+        (s.fd, s.inflight, s.unread_ready) = (fd, 1, cfg().poll_ready);
+        let sqe = if cfg().poll_ready {
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build()
+        } else {
+            opcode::Recv::new(types::Fd(fd), s.buf.as_mut_ptr(), 1).ioprio(POLL_FIRST).build()
+        };
+        self.push(sqe.user_data(K_READY << 56 | slot as u64));
     }
 
     fn ready(&mut self, slot: usize, ok: bool) {
@@ -460,7 +489,7 @@ impl Host {
             }
         } else if self.queued > 0 {
             self.queued -= 1;
-            self.dispatch(slot, 0);
+            self.dispatch(slot, usize::from(self.slots[slot].unread_ready));
         } else {
             self.idle.push(slot);
         }
@@ -524,7 +553,7 @@ impl Host {
         self.failures += u64::from(!ok);
         if take_budget() {
             match self.idle.pop() {
-                Some(worker) => self.dispatch(worker, 0),
+                Some(worker) => self.dispatch(worker, usize::from(self.slots[worker].unread_ready)),
                 None => self.queued += 1,
             }
         }
