@@ -111,9 +111,11 @@ pub struct Config {
     /// (`runner_cores`); turns `pin_workers` off. Zero turns it off.
     pub busy_poll: Duration,
     /// Under load, an engine thread lets completions accumulate for up to this long
-    /// before it wakes up (io_uring min_wait), so one wake-up handles a batch: less
-    /// CPU per execution (a sleep/wake-up costs tens of µs in a VM), up to this much
-    /// added latency per step. Applies only while a shard has at least
+    /// before it wakes up (io_uring min_wait), so one wake-up handles a batch, at
+    /// up to this much added latency per step. Each such wait ends on a timer
+    /// interrupt, which in a VM costs about what the saved wake-ups do: measured
+    /// here, the engine threads' CPU under load is the same with it and with zero
+    /// (BENCHMARKS.md, nineteenth session). Applies only while a shard has at least
     /// `batch_min_in_flight` executions (queued or running), so a lone request never
     /// waits for it. Zero turns it off. Needs Linux 6.12 (ignored before, and with
     /// SQPOLL).

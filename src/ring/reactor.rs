@@ -512,9 +512,11 @@ impl Reactor {
     /// Submits and sleeps until completions arrive or the next timer is due. Under
     /// load (`batch_min_in_flight` executions or more) the kernel holds the wake-up
     /// until `batch_want` completions are ready or `batch_wait` has passed with at
-    /// least one (IORING_ENTER_EXT_ARG min_wait): a wake-up costs tens of µs of CPU
-    /// in a VM, and under load one wake-up per batch instead of one per completion is
-    /// most of the engine threads' CPU. One execution at a time never waits for it.
+    /// least one (IORING_ENTER_EXT_ARG min_wait): one wake-up per batch instead of
+    /// one per completion. In this VM the timer interrupt that ends such a wait costs
+    /// about what the wake-ups it saves do (BENCHMARKS.md, nineteenth session), so
+    /// under load the engine threads' CPU comes out the same either way; the timer is
+    /// not armed off load. One execution at a time never waits for it.
     fn wait(&mut self, wake_at: Instant) -> std::io::Result<usize> {
         // Never past `wake_at`: that is what `prepare_to_sleep` promised callers.
         let t = wake_at.saturating_duration_since(Instant::now());
