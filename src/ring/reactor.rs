@@ -547,12 +547,15 @@ impl Reactor {
     /// still do something, and at the latest `IDLE_WAKE` from now.
     ///
     /// Timers of executions that ended and of workers that exited are dropped
-    /// first. Under load almost every timer is such a one (each execution leaves a
-    /// timeout, each spawn a start deadline), and waiting for them would end a
-    /// sleep every few hundred µs on a timer interrupt: in a VM each costs the
-    /// engine thread ~20 µs of CPU (BENCHMARKS.md, nineteenth session).
+    /// first (the checks each timer's handler starts with, in `fire_timers`). Almost
+    /// every timer becomes such a one (each execution leaves a timeout, each spawn a
+    /// start deadline), and waiting for them ended a sleep on a timer interrupt for
+    /// each: an idle shard woke hundreds of times in the timeout's length after a
+    /// burst (`tests/timers.rs`), and a timer interrupt costs tens of µs of CPU in a
+    /// VM (BENCHMARKS.md, nineteenth session).
     fn wake_time(&mut self, now: Instant) -> Instant {
         let Self { timers, execs, workers, .. } = self;
+        // `Reactor::unexited`, on the fields borrowed apart.
         let unexited = |key: u32, gen: u32| {
             workers.get(key as usize).and_then(|w| w.as_ref()).is_some_and(|w| w.gen == gen && w.exited.is_none())
         };
