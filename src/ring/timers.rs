@@ -80,9 +80,10 @@ impl<T: Ord + Copy> Timers<T> {
     }
 
     /// Drops the timers at the front of each lane and of the heap that `stale`
-    /// says can no longer do anything, so `next_due` is the earliest timer that may
-    /// (each timer is looked at once while it stays at a front). A timer behind a
-    /// live one stays until it comes due.
+    /// says can no longer do anything, so `next_due` is the earliest timer that may.
+    /// Each call asks `stale` about every timer it drops plus the live one it stops
+    /// at, per lane and for the heap (a handful per call, whatever the number
+    /// pending). A timer behind a live one stays until it comes due.
     pub fn drop_stale(&mut self, mut stale: impl FnMut(&T) -> bool) {
         for lane in &mut self.lanes {
             while lane.due.front().is_some_and(|(_, t)| stale(t)) {
