@@ -37,6 +37,12 @@ pub fn encode<M: prost::Message>(msg: &M) -> Vec<u8> {
     msg.encode_length_delimited_to_vec()
 }
 
+/// Appends `msg` as one length-delimited frame to `out`.
+pub fn encode_into<M: prost::Message>(msg: &M, out: &mut Vec<u8>) {
+    // A Vec grows as needed: encoding into it cannot fail.
+    let _ = msg.encode_length_delimited(out);
+}
+
 /// Accumulates bytes from a stream and yields complete frames.
 #[derive(Default)]
 pub struct Decoder {

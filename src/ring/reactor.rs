@@ -402,7 +402,7 @@ impl Reactor {
                 self.ctl_inflight += 1;
                 self.pending_sqes.push(sqe);
             }
-            for fd in self.ctl_out.take_sent_fds() {
+            while let Some(fd) = self.ctl_out.pop_sent_fd() {
                 self.close_async(fd);
             }
         }
@@ -444,8 +444,15 @@ impl Reactor {
             }
             self.fire_timers();
             // After the timers, which may free slots too, and before any sleep.
-            for token in std::mem::take(&mut self.refills) {
+            let mut refills = std::mem::take(&mut self.refills);
+            for &token in &refills {
                 self.fill_slots(token);
+            }
+            // The list's buffer is kept for the next round (one allocation per
+            // execution otherwise), unless refilling queued more.
+            refills.clear();
+            if self.refills.is_empty() {
+                self.refills = refills;
             }
             self.flush_sqes();
             if self.config.busy_poll > Duration::ZERO && self.has_busy_workers() {
@@ -1206,7 +1213,7 @@ impl Reactor {
             }
         }
         // Slots that waited for a channel.
-        for token in std::mem::take(&mut self.awaiting_channels) {
+        for token in self.awaiting_channels.drain(..) {
             if !self.refills.contains(&token) {
                 self.refills.push(token);
             }
@@ -1561,7 +1568,7 @@ impl Reactor {
                     Ok(_) => {}
                     Err(e) => self.runner_gone(&format!("cannot send to the sandbox runner: {e}")),
                 }
-                for fd in self.ctl_out.take_sent_fds() {
+                while let Some(fd) = self.ctl_out.pop_sent_fd() {
                     self.close_async(fd);
                 }
             }
