@@ -937,6 +937,10 @@ impl ConnThread {
                 if self.settings.copy_binaries {
                     fd = copy_to_memfd(&fd).map_err(|e| format!("copy binary into the sandbox: {e}"))?;
                 }
+                if self.settings.share_files {
+                    // Kept for the code token's life: out of the numbers every spawn copies.
+                    fd = move_up(fd, CHANNEL_FD_FLOOR);
+                }
                 let binary = Binary { fd, zygote: load.zygote, template: None };
                 if let Some(old) = self.binaries.insert(load.code_id, binary) {
                     self.spawner.forget_binary();
@@ -965,7 +969,7 @@ impl ConnThread {
             host_to_runner::Msg::MakeChannels(make) => {
                 let mut report = Channels::default();
                 for _ in 0..make.count.min(MAX_CHANNELS_PER_ORDER) {
-                    match make_channel() {
+                    match make_channel(self.settings.share_files) {
                         Ok((host, worker)) => {
                             let id = self.next_channel;
                             self.next_channel += 1;
@@ -1117,10 +1121,24 @@ impl From<&str> for Stop {
 /// Most channels one `MakeChannels` order makes (the host asks for 8 at a time).
 const MAX_CHANNELS_PER_ORDER: u32 = 256;
 
+/// Where channel fds (and code tokens' binaries) live when workers share this
+/// runner's fd table until their first syscall (`spawn::FdSlots`): at this number
+/// or above. That first syscall,
+/// `close_range(slots' end, ~0, CLOSE_RANGE_UNSHARE)`, copies the table in whole
+/// words of 64 fds, from 0 up to the word boundary above the last open fd below
+/// the slots' end, then closes what it copied above that end. So every fd open at
+/// a number between the slots and 64 is taken and released again by every spawn.
+/// Channels are most of this runner's fds (both ends while in stock, then the
+/// host end until `HOST_END_GRACE` after the worker is reaped): 40-50 of them sat
+/// there under load. A C loop of such spawns here: 87-91 µs each with 50 sockets
+/// open above 64, 95-97 µs with them below (BENCHMARKS.md, twentieth session).
+const CHANNEL_FD_FLOOR: libc::c_int = 64;
+
 /// A worker's channel made here (`MakeChannels`): a connected Unix stream
-/// socket pair, both ends close-on-exec, as (host end, worker end). Through the
-/// seccomp gate: `socketpair` carries the key on connection threads.
-fn make_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+/// socket pair, both ends close-on-exec, as (host end, worker end); with `high`,
+/// both at `CHANNEL_FD_FLOOR` or above. Through the seccomp gate: `socketpair`
+/// carries the key on connection threads.
+fn make_channel(high: bool) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     let args = [libc::AF_UNIX as usize, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize, 0, fds.as_mut_ptr() as usize, 0];
     // SAFETY: `fds` is a valid 2-element array for socketpair to fill.
@@ -1128,7 +1146,27 @@ fn make_channel() -> io::Result<(OwnedFd, OwnedFd)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: socketpair succeeded, so both fds are fresh and owned by us.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (host, worker) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    if !high {
+        return Ok((host, worker));
+    }
+    Ok((move_up(host, CHANNEL_FD_FLOOR), move_up(worker, CHANNEL_FD_FLOOR)))
+}
+
+/// `fd` at number `floor` or above (the lowest free one), its old number closed;
+/// `fd` itself where it is already there or the move fails (it works anywhere,
+/// only spawns cost more).
+fn move_up(fd: OwnedFd, floor: libc::c_int) -> OwnedFd {
+    if fd.as_raw_fd() >= floor {
+        return fd;
+    }
+    // SAFETY: duplicating an fd we own; the result is a fresh fd or -1.
+    let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    if moved < 0 {
+        return fd;
+    }
+    // SAFETY: a fresh fd, owned from here on; dropping `fd` closes the old number.
+    unsafe { OwnedFd::from_raw_fd(moved) }
 }
 
 /// SIGKILL for one of our unreaped workers, from a connection thread (through the

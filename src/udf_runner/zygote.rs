@@ -90,7 +90,8 @@ impl Zygote {
         shm: bool,
         reaped_elsewhere: impl FnOnce(libc::pid_t),
     ) -> io::Result<Zygote> {
-        let (ctl, theirs) = super::make_channel()?;
+        // Long-lived: kept out of the low fd numbers every spawn copies (`CHANNEL_FD_FLOOR`).
+        let (ctl, theirs) = super::make_channel(true)?;
         let plan = SpawnPlan {
             binary,
             channel: theirs.as_raw_fd(),
