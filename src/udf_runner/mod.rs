@@ -624,7 +624,6 @@ fn reap(shared: &Shared, held: &mut [Held]) -> Vec<OwnedFd> {
     host_ends
 }
 
-
 /// Where channel fds (and code tokens' binaries) live when workers share this
 /// runner's fd table until their first syscall (`spawn::FdSlots`): at this number
 /// or above. That first syscall,
@@ -633,9 +632,10 @@ fn reap(shared: &Shared, held: &mut [Held]) -> Vec<OwnedFd> {
 /// the slots' end, then closes what it copied above that end. So every fd open at
 /// a number between the slots and 64 is taken and released again by every spawn.
 /// Channels are most of this runner's fds (both ends while in stock, then the
-/// host end until `HOST_END_GRACE` after the worker is reaped): 40-50 of them sat
-/// there under load. A C loop of such spawns here: 87-91 µs each with 50 sockets
-/// open above 64, 95-97 µs with them below (BENCHMARKS.md, twentieth session).
+/// host end until `HOST_END_GRACE` after the worker is reaped), and most of them
+/// sat there under load. A C loop of such spawns here: 87-91 µs each with 50
+/// sockets open above 64, 95-97 µs with them below (BENCHMARKS.md, twentieth
+/// session).
 const CHANNEL_FD_FLOOR: libc::c_int = 64;
 
 /// A worker's channel made here (`MakeChannels`): a connected Unix stream

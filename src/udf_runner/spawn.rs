@@ -22,7 +22,10 @@
 //! child needs into six low-numbered slots reserved at start-up, and the child
 //! shares the runner's table only until its first syscall,
 //! `close_range(first_above_the_slots, ~0, CLOSE_RANGE_UNSHARE)`, which leaves it a
-//! private copy of the low-numbered fds alone.
+//! private copy of the low-numbered fds alone. The kernel copies in whole words of
+//! 64 fds, so what is open between the slots and fd 64 is copied and closed again
+//! by each spawn: the runner keeps its many fds (channels, binaries) at 64 and up
+//! (`super::CHANNEL_FD_FLOOR`).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
