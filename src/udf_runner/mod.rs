@@ -706,3 +706,43 @@ fn copy_to_memfd(src: &OwnedFd) -> io::Result<OwnedFd> {
     }
     Ok(out.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a byte into `a` and reads it from `b`: the two are one channel.
+    fn connected(a: &OwnedFd, b: &OwnedFd) -> bool {
+        // SAFETY: one-byte write and read on sockets we own, buffers on the stack.
+        unsafe {
+            let byte = [7u8];
+            if libc::write(a.as_raw_fd(), byte.as_ptr().cast(), 1) != 1 {
+                return false;
+            }
+            let mut got = [0u8];
+            libc::read(b.as_raw_fd(), got.as_mut_ptr().cast(), 1) == 1 && got == byte
+        }
+    }
+
+    fn cloexec(fd: &OwnedFd) -> bool {
+        // SAFETY: F_GETFD on an fd we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) & libc::FD_CLOEXEC != 0 }
+    }
+
+    #[test]
+    fn channels_made_high_sit_at_the_floor_or_above_and_stay_connected() {
+        let (host, worker) = make_channel(true).unwrap();
+        assert!(host.as_raw_fd() >= CHANNEL_FD_FLOOR && worker.as_raw_fd() >= CHANNEL_FD_FLOOR, "{host:?} {worker:?}");
+        assert!(cloexec(&host) && cloexec(&worker), "moved ends stay close-on-exec");
+        assert!(connected(&host, &worker) && connected(&worker, &host));
+    }
+
+    #[test]
+    fn move_up_keeps_an_fd_already_high() {
+        let (host, worker) = make_channel(true).unwrap();
+        let raw = host.as_raw_fd();
+        let same = move_up(host, CHANNEL_FD_FLOOR);
+        assert_eq!(same.as_raw_fd(), raw);
+        assert!(connected(&same, &worker));
+    }
+}
