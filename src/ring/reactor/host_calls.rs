@@ -67,7 +67,9 @@ impl Reactor {
 
     pub(super) fn post_next_reply(&mut self, key: u32) {
         let Some(w) = self.worker(key) else { return };
-        let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
+        if w.fd.is_none() {
+            return;
+        }
         if w.reply_inflight.is_none() {
             match w.replies.pop_front() {
                 Some(b) => w.reply_inflight = Some((b, 0)),
@@ -76,12 +78,7 @@ impl Reactor {
         }
         let Some((bytes, off)) = w.reply_inflight.as_ref() else { return };
         let (ptr, len) = (bytes[*off..].as_ptr(), (bytes.len() - off).min(u32::MAX as usize) as u32);
-        w.inflight += 1;
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud(K_W_REPLY, key, w.gen));
-        self.push_sqe(sqe);
+        self.post_send(key, K_W_REPLY, ptr, len);
     }
 
     pub(super) fn on_reply_sent(&mut self, key: u32, res: i32) {

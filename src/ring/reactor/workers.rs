@@ -243,13 +243,17 @@ impl Reactor {
         let Some(exec) = self.execs.get(&exec_id) else { return };
         let ptr = exec.frame[exec.written..].as_ptr();
         let len = (exec.frame.len() - exec.written) as u32;
+        self.post_send(key, K_W_SEND, ptr, len);
+    }
+
+    /// Queues a send of `len` bytes at `ptr` on worker `key`'s channel, in flight
+    /// until its completion (`kind`: the request or a host reply). The bytes must
+    /// stay alive and unmoved until that completion is reaped (see `flush_sqes`).
+    pub(super) fn post_send(&mut self, key: u32, kind: u64, ptr: *const u8, len: u32) {
         let Some(w) = self.worker(key) else { return };
         let Some(fd) = w.fd.as_ref().map(|f| f.as_raw_fd()) else { return };
         w.inflight += 1;
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud(K_W_SEND, key, w.gen));
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len).flags(libc::MSG_NOSIGNAL).build().user_data(ud(kind, key, w.gen));
         self.push_sqe(sqe);
     }
 
