@@ -1,4 +1,4 @@
-//! `roma-byob traffic`: a small open-loop run (JSON report and SVG plot) and a short
+//! `roma-byob traffic`: small open-loop runs (JSON report, SVG and PNG plots) and a short
 //! `--find-max-qps` search, in minimal mode. No timing thresholds: only that the runs
 //! complete, succeed and report sane values.
 
@@ -32,6 +32,28 @@ fn run(cmd: &mut Command) -> String {
 fn read_json(path: &PathBuf) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+#[test]
+fn traffic_plots_png() {
+    let dir = temp_dir("png");
+    let png = dir.join("latency.png");
+    run(cli()
+        .args(["traffic", "--mode", "minimal", "--workers", "2", "--qps", "200", "--num-queries", "40", "--no-progress"])
+        .arg("--binary")
+        .arg(roma_byob::samples::path("hello_nolibc"))
+        .arg("--plot")
+        .arg(&png));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG file");
+    // The IHDR chunk comes first: width and height, big-endian.
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let (w, h) = (u32::from_be_bytes(bytes[16..20].try_into().unwrap()), u32::from_be_bytes(bytes[20..24].try_into().unwrap()));
+    assert_eq!((w, h), (960, 540));
+    // A blank 960x540 image compresses to a few hundred bytes; the curves,
+    // grid and text make it tens of kilobytes.
+    assert!(bytes.len() > 5_000, "{} bytes: nothing drawn?", bytes.len());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -138,9 +160,9 @@ fn traffic_find_max_qps_terminates() {
 
 #[test]
 fn traffic_rejects_bad_arguments() {
-    let out = cli().args(["traffic", "--mode", "minimal", "--plot", "x.png", "--num-queries", "1"]).output().unwrap();
+    let out = cli().args(["traffic", "--mode", "minimal", "--plot", "x.gif", "--num-queries", "1"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PNG"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".svg or .png"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli().args(["traffic", "--mode", "minimal", "--duration", "5 parsecs"]).output().unwrap();
     assert!(!out.status.success());
 }

@@ -4,6 +4,7 @@ mod cpu;
 mod demo;
 mod exec;
 mod json;
+mod plot;
 mod shell;
 mod traffic;
 

@@ -4,7 +4,6 @@
 //! latencies go into HDR histograms. `--find-max-qps` searches for the highest rate the
 //! engine sustains.
 
-use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +18,7 @@ use roma_byob::{CodeToken, Engine, ExecuteOptions, LoadOptions, Mode, Response};
 
 use crate::cpu::{ticks_us, PerExecution, Snapshot};
 use crate::json::{self, ProtoTypes};
+use crate::plot::{Anchor, Color, Plot, Text};
 use crate::EngineArgs;
 
 /// Error messages printed to stderr per run (the rest are only counted).
@@ -93,7 +93,8 @@ pub struct TrafficArgs {
     /// Write the report as JSON to this file.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Draw the latency percentile distribution into this .svg file.
+    /// Draw the latency percentile distribution into this file: an SVG document
+    /// (`.svg`) or a PNG image (`.png`).
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Shared-memory transport: bytes per worker region (e.g. 67108864, 64M, 1G).
@@ -708,8 +709,12 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
         println!("  report written to {}", path.display());
     }
     if let Some(path) = &a.plot {
-        let svg = plot_svg(&header, &result);
-        std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let plot = latency_plot(&header, &result);
+        let bytes = match check_plot_path(path)? {
+            PlotFormat::Svg => plot.to_svg().into_bytes(),
+            PlotFormat::Png => plot.to_png()?,
+        };
+        std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("  latency plot written to {}", path.display());
     }
     Ok(())
@@ -817,16 +822,19 @@ fn build_request(a: &TrafficArgs) -> Result<Vec<u8>, String> {
     Ok(Vec::new())
 }
 
-fn check_plot_path(p: &Path) -> Result<(), String> {
+/// The plot's format, from `--plot`'s file name: an SVG document or a PNG image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PlotFormat {
+    Svg,
+    Png,
+}
+
+fn check_plot_path(p: &Path) -> Result<PlotFormat, String> {
     let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
-        "svg" => Ok(()),
-        "png" => Err(format!(
-            "--plot {}: PNG output is not supported (it would need a font and raster stack); \
-             write an .svg and convert it if needed, e.g. `rsvg-convert -o plot.png plot.svg`",
-            p.display()
-        )),
-        _ => Err(format!("--plot {}: the file name must end in .svg", p.display())),
+        "svg" => Ok(PlotFormat::Svg),
+        "png" => Ok(PlotFormat::Png),
+        _ => Err(format!("--plot {}: the file name must end in .svg or .png", p.display())),
     }
 }
 
@@ -956,10 +964,6 @@ fn report_json(h: &Header, r: &StepResult, search: Option<&Search>, a: &TrafficA
     v
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
 /// A "nice" axis step (1, 2 or 5 times a power of ten) giving about `ticks` ticks.
 fn nice_step(max: f64, ticks: f64) -> f64 {
     let raw = (max / ticks).max(f64::MIN_POSITIVE);
@@ -978,21 +982,22 @@ fn nice_step(max: f64, ticks: f64) -> f64 {
 }
 
 /// Percentile plot (x: percentile on a "nines" scale, y: latency) of the invocation and
-/// burst latencies, as a standalone SVG document.
-fn plot_svg(h: &Header, r: &StepResult) -> String {
+/// burst latencies.
+fn latency_plot(h: &Header, r: &StepResult) -> Plot {
     const W: f64 = 960.0;
     const H: f64 = 540.0;
     const L: f64 = 90.0;
     const R: f64 = 30.0;
     const T: f64 = 70.0;
     const B: f64 = 70.0;
+    const GRID: Color = Color(0xdd, 0xdd, 0xdd);
     let pw = W - L - R;
     let ph = H - T - B;
     let count = r.invocations.len().max(r.burst_latency.len());
     // Up to the percentile the data can resolve: 99% for <1000 samples, 99.9% for <10k, ...
     let nines = ((count.max(1) as f64).log10().ceil()).clamp(2.0, 6.0);
-    let series: Vec<(&str, &str, &Histogram<u64>)> =
-        vec![("invocation", "#1f77b4", &r.invocations), ("burst", "#d62728", &r.burst_latency)];
+    let series: Vec<(&str, Color, &Histogram<u64>)> =
+        vec![("invocation", Color(0x1f, 0x77, 0xb4), &r.invocations), ("burst", Color(0xd6, 0x27, 0x28), &r.burst_latency)];
     let ymax_us = series.iter().map(|(_, _, h)| h.max()).max().unwrap_or(0).max(1) as f64;
     let in_ms = ymax_us >= 10_000.0;
     let unit_div = if in_ms { 1000.0 } else { 1.0 };
@@ -1002,46 +1007,48 @@ fn plot_svg(h: &Header, r: &StepResult) -> String {
     let px = |x: f64| L + x / nines * pw;
     let py = |y: f64| T + ph - (y / ytop) * ph;
 
-    let mut s = String::new();
-    let _ = writeln!(s, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="13">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let mut plot = Plot::new(W, H);
     let name = h.binary.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold">{}</text>"#,
-        W / 2.0,
-        xml_escape(&format!(
-            "roma-byob traffic: {name}, {} mode, {} workers, {:.0} qps target, bursts of {}",
-            h.mode.as_str(),
-            h.workers,
-            r.target_qps,
-            r.burst_size
-        ))
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="48" text-anchor="middle" fill="#444">{}</text>"##,
-        W / 2.0,
-        xml_escape(&format!(
-            "achieved {:.1}/s, {} executions, {} failures ({:.2}%), late bursts {:.2}%",
-            r.throughput(),
-            r.executions,
-            r.failures,
-            r.failure_pct(),
-            r.late_pct()
-        ))
-    );
+    plot.text(Text {
+        bold: true,
+        ..Text::new(
+            W / 2.0,
+            26.0,
+            format!(
+                "roma-byob traffic: {name}, {} mode, {} workers, {:.0} qps target, bursts of {}",
+                h.mode.as_str(),
+                h.workers,
+                r.target_qps,
+                r.burst_size
+            ),
+            16.0,
+            Anchor::Middle,
+        )
+    });
+    plot.text(Text {
+        color: Color(0x44, 0x44, 0x44),
+        ..Text::new(
+            W / 2.0,
+            48.0,
+            format!(
+                "achieved {:.1}/s, {} executions, {} failures ({:.2}%), late bursts {:.2}%",
+                r.throughput(),
+                r.executions,
+                r.failures,
+                r.failure_pct(),
+                r.late_pct()
+            ),
+            13.0,
+            Anchor::Middle,
+        )
+    });
     // Grid and axes.
     let mut y = 0.0;
     while y <= ytop + ystep * 1e-9 {
         let yy = py(y);
-        let _ = writeln!(s, r##"<line x1="{L}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, L + pw);
+        plot.line((L, yy), (L + pw, yy), GRID, 1.0);
         let label = if ystep < 1.0 { format!("{y:.1}") } else { format!("{y:.0}") };
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#, L - 8.0, yy + 4.0);
+        plot.text(Text::new(L - 8.0, yy + 4.0, label, 13.0, Anchor::End));
         y += ystep;
     }
     let mut ticks: Vec<(f64, String)> = vec![(0.0, "0%".into()), (2f64.log10(), "50%".into())];
@@ -1050,25 +1057,15 @@ fn plot_svg(h: &Header, r: &StepResult) -> String {
         let label = format!("{pctl:.*}%", (n.saturating_sub(2)) as usize);
         ticks.push((n as f64, label));
     }
-    for (x, label) in &ticks {
-        let xx = px(*x);
-        let _ = writeln!(s, r##"<line x1="{xx:.1}" y1="{T}" x2="{xx:.1}" y2="{:.1}" stroke="#ddd"/>"##, T + ph);
-        let _ = writeln!(s, r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#, T + ph + 20.0);
+    for (x, label) in ticks {
+        let xx = px(x);
+        plot.line((xx, T), (xx, T + ph), GRID, 1.0);
+        plot.text(Text::new(xx, T + ph + 20.0, label, 13.0, Anchor::Middle));
     }
-    let _ = writeln!(s, r#"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
-        L + pw / 2.0,
-        H - 20.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="22" y="{:.1}" text-anchor="middle" transform="rotate(-90 22 {:.1})">latency ({})</text>"#,
-        T + ph / 2.0,
-        T + ph / 2.0,
-        if in_ms { "ms" } else { "µs" }
-    );
+    plot.rect(L, T, pw, ph, Color::BLACK);
+    plot.text(Text::new(L + pw / 2.0, H - 20.0, "percentile", 13.0, Anchor::Middle));
+    let unit = if in_ms { "ms" } else { "µs" };
+    plot.text(Text { vertical: true, ..Text::new(22.0, T + ph / 2.0, format!("latency ({unit})"), 13.0, Anchor::Middle) });
     // Series.
     let mut any = false;
     for (i, (label, color, hist)) in series.iter().enumerate() {
@@ -1076,40 +1073,26 @@ fn plot_svg(h: &Header, r: &StepResult) -> String {
             continue;
         }
         any = true;
-        let mut pts = String::new();
         let steps = 400;
-        for k in 0..=steps {
-            let x = nines * k as f64 / steps as f64;
-            let q = 1.0 - 10f64.powf(-x);
-            let v = hist.value_at_quantile(q) as f64 / unit_div;
-            let _ = write!(pts, "{:.1},{:.1} ", px(x), py(v));
-        }
-        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, pts.trim_end());
+        let points = (0..=steps)
+            .map(|k| {
+                let x = nines * k as f64 / steps as f64;
+                let q = 1.0 - 10f64.powf(-x);
+                (px(x), py(hist.value_at_quantile(q) as f64 / unit_div))
+            })
+            .collect();
+        plot.polyline(points, *color, 2.0);
         let ly = T + 18.0 + 20.0 * i as f64;
         let lx = L + 16.0;
-        let _ = writeln!(s, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#, lx + 24.0);
+        plot.line((lx, ly), (lx + 24.0, ly), *color, 3.0);
         let sum = Summary::of(hist);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}">{}</text>"#,
-            lx + 32.0,
-            ly + 4.0,
-            xml_escape(&format!(
-                "{label} latency (n={}, p50 {} µs, p99 {} µs, max {} µs)",
-                sum.count, sum.p50, sum.p99, sum.max
-            ))
-        );
+        let text = format!("{label} latency (n={}, p50 {} µs, p99 {} µs, max {} µs)", sum.count, sum.p50, sum.p99, sum.max);
+        plot.text(Text::new(lx + 32.0, ly + 4.0, text, 13.0, Anchor::Start));
     }
     if !any {
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="18">no successful executions</text>"#,
-            L + pw / 2.0,
-            T + ph / 2.0
-        );
+        plot.text(Text::new(L + pw / 2.0, T + ph / 2.0, "no successful executions", 18.0, Anchor::Middle));
     }
-    let _ = writeln!(s, "</svg>");
-    s
+    plot
 }
 
 #[cfg(test)]
@@ -1154,9 +1137,10 @@ mod tests {
 
     #[test]
     fn plot_paths() {
-        assert!(check_plot_path(Path::new("x.svg")).is_ok());
-        assert!(check_plot_path(Path::new("x.SVG")).is_ok());
-        assert!(check_plot_path(Path::new("x.png")).unwrap_err().contains("PNG"));
+        assert_eq!(check_plot_path(Path::new("x.svg")), Ok(PlotFormat::Svg));
+        assert_eq!(check_plot_path(Path::new("x.SVG")), Ok(PlotFormat::Svg));
+        assert_eq!(check_plot_path(Path::new("x.png")), Ok(PlotFormat::Png));
+        assert!(check_plot_path(Path::new("x.gif")).unwrap_err().contains(".svg or .png"));
         assert!(check_plot_path(Path::new("x")).is_err());
     }
 
