@@ -181,29 +181,10 @@ impl Reactor {
                 }
                 return;
             }
-            let (offset, len) = match frame::parse_header(&w.buf[..w.filled]) {
-                Header::Incomplete => {
-                    self.post_worker_recv(key, RECV_CHUNK, false);
-                    return;
-                }
-                Header::Invalid => {
-                    self.garbage(key, "invalid varint length prefix".into());
-                    return;
-                }
-                Header::Complete { offset, len } => (offset, len),
-            };
+            let Some((offset, len)) = self.header_at(key, 0, "invalid varint length prefix") else { return };
             if len == CALL_MARKER {
-                let (o2, l2) = match frame::parse_header(&w.buf[offset..w.filled]) {
-                    Header::Incomplete => {
-                        self.post_worker_recv(key, RECV_CHUNK, false);
-                        return;
-                    }
-                    Header::Invalid => {
-                        self.garbage(key, "invalid varint length of a host call".into());
-                        return;
-                    }
-                    Header::Complete { offset, len } => (offset, len),
-                };
+                let Some((o2, l2)) = self.header_at(key, offset, "invalid varint length of a host call") else { return };
+                let Some(w) = self.worker(key) else { return };
                 if l2 > max as u64 {
                     self.garbage(key, format!("host call of {l2} bytes exceeds max_response_bytes {max}"));
                     return;
@@ -229,6 +210,7 @@ impl Reactor {
                 }
                 continue;
             }
+            let Some(w) = self.worker(key) else { return };
             if w.shm.is_some() {
                 self.garbage(key, "a response frame on the socket with the shared-memory transport".into());
                 return;
@@ -258,6 +240,25 @@ impl Reactor {
                 self.post_body_recv(key);
             }
             return;
+        }
+    }
+
+    /// The varint length prefix at `at` in worker `key`'s received bytes, as (its
+    /// size, the length it declares). None when it is not all there yet (a receive
+    /// is posted for more) or is not a valid varint (the worker fails with
+    /// `invalid`).
+    fn header_at(&mut self, key: u32, at: usize, invalid: &str) -> Option<(usize, u64)> {
+        let w = self.worker(key)?;
+        match frame::parse_header(&w.buf[at..w.filled]) {
+            Header::Incomplete => {
+                self.post_worker_recv(key, RECV_CHUNK, false);
+                None
+            }
+            Header::Invalid => {
+                self.garbage(key, invalid.to_string());
+                None
+            }
+            Header::Complete { offset, len } => Some((offset, len)),
         }
     }
 
