@@ -620,9 +620,8 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
     if a.duration.is_some_and(|d| d.is_zero()) {
         return Err("--duration must be positive".into());
     }
-    if let Some(p) = &a.plot {
-        check_plot_path(p)?;
-    }
+    // Checked before any traffic runs; the format is used at the end.
+    let plot = a.plot.as_deref().map(|p| check_plot_path(p).map(|format| (p, format))).transpose()?;
     let (mode, why) = a.engine.resolve_mode()?;
     let binary = resolve_binary(a.binary.as_deref());
     let request = build_request(&a)?;
@@ -708,9 +707,9 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
         std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("  report written to {}", path.display());
     }
-    if let Some(path) = &a.plot {
+    if let Some((path, format)) = plot {
         let plot = latency_plot(&header, &result);
-        let bytes = match check_plot_path(path)? {
+        let bytes = match format {
             PlotFormat::Svg => plot.to_svg().into_bytes(),
             PlotFormat::Png => plot.to_png()?,
         };
