@@ -196,9 +196,8 @@ mod tests {
     use crate::ipc::control::Kill;
     use prost::Message;
 
-    /// Reads everything the peer has (it must all be there), with its fds; returns
-    /// the worker ids of the `Kill` frames in order.
-    fn drain(peer: &OwnedFd, fds: &mut Vec<OwnedFd>) -> Vec<u64> {
+    /// Whatever bytes the peer has now, with their fds.
+    fn received(peer: &OwnedFd, fds: &mut Vec<OwnedFd>) -> Vec<u8> {
         let mut bytes = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -209,16 +208,24 @@ mod tests {
                 Err(e) => panic!("recv: {e}"),
             }
         }
+        bytes
+    }
+
+    /// The worker ids of the `Kill` frames in `bytes`, in order (all whole frames).
+    fn kill_ids(mut bytes: &[u8]) -> Vec<u64> {
         let mut ids = Vec::new();
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let msg = HostToRunner::decode_length_delimited(&mut rest).expect("a whole frame");
-            match msg.msg {
+        while !bytes.is_empty() {
+            match HostToRunner::decode_length_delimited(&mut bytes).expect("a whole frame").msg {
                 Some(host_to_runner::Msg::Kill(k)) => ids.push(k.worker_id),
                 other => panic!("unexpected message {other:?}"),
             }
         }
         ids
+    }
+
+    /// Reads everything the peer has (it must all be there): the `Kill` ids.
+    fn drain(peer: &OwnedFd, fds: &mut Vec<OwnedFd>) -> Vec<u64> {
+        kill_ids(&received(peer, fds))
     }
 
     fn kill(id: u64) -> host_to_runner::Msg {
@@ -285,7 +292,7 @@ mod tests {
         let mut fds = Vec::new();
         let mut got = Vec::new();
         while out.inflight.is_some() {
-            got.extend(drain_partial(&peer));
+            got.extend(received(&peer, &mut fds));
             let batch = out.inflight.as_ref().unwrap();
             // SAFETY: the batch's header points at its live buffers.
             let n = unsafe { libc::sendmsg(ours.as_raw_fd(), &batch.hdr, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
@@ -295,30 +302,8 @@ mod tests {
                 let _ = out.next_sqe(ours.as_raw_fd(), 7);
             }
         }
-        got.extend(drain_partial(&peer));
-        let mut rest = &got[..];
-        let mut seen = Vec::new();
-        while !rest.is_empty() {
-            match HostToRunner::decode_length_delimited(&mut rest).expect("a whole frame").msg {
-                Some(host_to_runner::Msg::Kill(k)) => seen.push(k.worker_id),
-                other => panic!("unexpected message {other:?}"),
-            }
-        }
-        assert_eq!(seen, ids);
-        assert!(fds.is_empty() && drain(&peer, &mut fds).is_empty());
-    }
-
-    /// Whatever bytes the peer has now.
-    fn drain_partial(peer: &OwnedFd) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut fds = Vec::new();
-        while let Ok(n) = fdpass::recv_with_fds_flags(peer.as_raw_fd(), &mut buf, &mut fds, libc::MSG_DONTWAIT) {
-            if n == 0 {
-                break;
-            }
-            bytes.extend_from_slice(&buf[..n]);
-        }
-        bytes
+        got.extend(received(&peer, &mut fds));
+        assert_eq!(kill_ids(&got), ids);
+        assert!(fds.is_empty());
     }
 }
