@@ -456,7 +456,7 @@ impl Engine {
             slots[live[(start + k) % live.len()]] += 1;
         }
         let per_shard: Vec<ShardSlots> =
-            slots.into_iter().map(|slots| ShardSlots { slots, idle: AtomicUsize::new(0), ready: Default::default() }).collect();
+            slots.into_iter().map(|slots| ShardSlots { slots, idle: AtomicUsize::new(0), queued: AtomicUsize::new(0), ready: Default::default() }).collect();
         let entry = Arc::new(TokenEntry {
             id,
             binary,
@@ -661,11 +661,29 @@ impl Engine {
             None => frame.take().map(|f| f()).unwrap_or_default(),
         };
         let ready = order().find(|&i| entry.per_shard[i].idle.load(Ordering::Relaxed) > 0);
+        // With no idle worker, the shard with the fewest executions queued per slot
+        // (the first in `order` on a tie) queues it: each shard then serves its
+        // queue oldest first and none offers freed workers to newer requests while
+        // another's backlog waits.
+        let queued = |i: usize| entry.per_shard[i].queued.load(Ordering::Relaxed);
+        let least_queued = || {
+            order().filter(|&i| entry.per_shard[i].slots > 0).reduce(|best, i| {
+                let (b, c) = (&entry.per_shard[best], &entry.per_shard[i]);
+                if queued(i) * b.slots < queued(best) * c.slots { i } else { best }
+            })
+        };
         // With every shard of the token failed, the execution goes to one of them,
         // which completes it with `Internal` at once.
-        let shard = ready.or_else(|| order().find(|&i| entry.per_shard[i].slots > 0)).unwrap_or_else(|| {
-            (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
-        });
+        let shard = match ready {
+            Some(i) => i,
+            None => {
+                let shard = least_queued().unwrap_or_else(|| {
+                    (0..n).map(|k| (start + k) % n).find(|&i| entry.per_shard[i].slots > 0).unwrap_or(0)
+                });
+                entry.per_shard[shard].queued.fetch_add(1, Ordering::Relaxed);
+                shard
+            }
+        };
         self.shards[shard].shared.push(Cmd::Execute(ExecRequest {
             id,
             token: token.0,

@@ -9,20 +9,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{hello, load, modes, opts, wait_idle};
+use common::{hello, load, modes, opts, shard_of, wait_idle};
 use roma_byob::proto::sample::{SampleRequest, SampleResponse};
-use roma_byob::{Code, Config, Engine, ExecutionToken, Mode};
+use roma_byob::{Code, Config, Engine, Mode};
 
 fn engine_on(mode: Mode, shards: usize) -> Engine {
     // Every shard on one core, so the test needs a single core.
     let core = roma_byob::ring::current_thread_affinity()[0];
     Engine::new(Config { mode, cores: vec![core; shards], ..Default::default() })
         .unwrap_or_else(|e| panic!("engine in {mode:?}: {e}"))
-}
-
-fn shard_of(token: &ExecutionToken) -> usize {
-    let text = token.to_string();
-    text.split('-').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("unexpected execution token {text}"))
 }
 
 /// Stops the engine on another thread; fails the test if that takes over 30 s.

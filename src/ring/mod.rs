@@ -25,6 +25,12 @@ use crate::{Error, Result};
 pub(crate) struct ShardSlots {
     pub slots: usize,
     pub idle: AtomicUsize,
+    /// Executions queued on the shard for a worker of the token: stored by the
+    /// shard when its queue changes, raised by a caller that routes one there.
+    /// Callers route an execution with no idle worker to the shard with the
+    /// fewest queued per slot, so that one shard's backlog does not wait while
+    /// another's freed workers serve newer requests.
+    pub queued: AtomicUsize,
     /// Ready workers a caller may claim to write its request to itself (see
     /// [`ready`]).
     pub ready: ReadyWorkers,

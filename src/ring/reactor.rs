@@ -160,6 +160,13 @@ struct TokenState {
     lazy_paused_until: Option<Instant>,
 }
 
+impl TokenState {
+    /// Publishes the queue's length for callers' routing (`ShardSlots::queued`).
+    fn note_queue(&self, index: usize) {
+        self.entry.per_shard[index].queued.store(self.queue.len(), Ordering::Relaxed);
+    }
+}
+
 /// How long a code token's workers are not offered unconfirmed after a caller
 /// found one not started (see `TokenState::lazy_paused_until`).
 const LAZY_PAUSE: Duration = Duration::from_millis(100);

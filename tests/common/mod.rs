@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use roma_byob::proto::sample::{ProbeRequest, ProbeResponse, SampleRequest, SampleResponse};
-use roma_byob::{CodeToken, Config, Engine, ExecuteOptions, LoadOptions, Mode, SyscallFilter};
+use roma_byob::{CodeToken, Config, Engine, ExecuteOptions, ExecutionToken, LoadOptions, Mode, SyscallFilter};
 
 /// The modes these tests run in: `minimal` always, `gvisor` when runsc is installed
 /// (a visible skip line otherwise).
@@ -58,6 +58,13 @@ pub fn wait_idle(e: &Engine, token: &CodeToken, want: usize) {
     while e.idle_workers(token).unwrap() < want && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The shard (index into `Config::cores`) an execution runs on, read from its
+/// token's text form `exec-SHARD-ID`.
+pub fn shard_of(token: &ExecutionToken) -> usize {
+    let text = token.to_string();
+    text.split('-').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("unexpected execution token {text}"))
 }
 
 pub fn sample(name: &str) -> PathBuf {

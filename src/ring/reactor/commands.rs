@@ -214,6 +214,7 @@ impl Reactor {
             None => {
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.queue.push_back(id);
+                    t.note_queue(self.config.index);
                 }
                 self.timers.push(deadline, worker_wait_timeout, Timer::WorkerWait(id));
             }
@@ -283,6 +284,7 @@ impl Reactor {
             None => {
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.queue.retain(|e| *e != id);
+                    t.note_queue(self.config.index);
                 }
             }
             Some(key) => self.kill_worker(key),

@@ -134,7 +134,12 @@ impl Reactor {
         let early = if lazy || shm_on || !self.config.early_dispatch {
             None
         } else {
-            self.tokens.get_mut(&token).and_then(|t| t.queue.pop_front())
+            let index = self.config.index;
+            self.tokens.get_mut(&token).and_then(|t| {
+                let id = t.queue.pop_front();
+                t.note_queue(index);
+                id
+            })
         };
         if lazy {
             self.offer_unconfirmed(key);
@@ -497,7 +502,12 @@ impl Reactor {
     /// queued execution fails with `why`.
     pub(super) fn note_failure(&mut self, token: u64, why: &str) {
         self.back_off(token);
-        let victim = self.tokens.get_mut(&token).and_then(|t| t.queue.pop_front());
+        let index = self.config.index;
+        let victim = self.tokens.get_mut(&token).and_then(|t| {
+            let id = t.queue.pop_front();
+            t.note_queue(index);
+            id
+        });
         if let Some(id) = victim {
             self.complete(id, Err(Error::Unavailable(why.to_string())));
         }
