@@ -209,15 +209,16 @@ impl Reactor {
             return;
         }
         let key = self.take_idle(token);
+        if let Some(t) = self.tokens.get_mut(&token) {
+            if key.is_none() {
+                t.queue.push_back(id);
+            }
+            // Also when a worker took it: the caller counted it as queued.
+            t.note_queue(self.config.index);
+        }
         match key {
             Some(key) => self.dispatch(id, key),
-            None => {
-                if let Some(t) = self.tokens.get_mut(&token) {
-                    t.queue.push_back(id);
-                    t.note_queue(self.config.index);
-                }
-                self.timers.push(deadline, worker_wait_timeout, Timer::WorkerWait(id));
-            }
+            None => self.timers.push(deadline, worker_wait_timeout, Timer::WorkerWait(id)),
         }
     }
 
