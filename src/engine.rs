@@ -209,6 +209,16 @@ impl Engine {
         Ok(entry.per_shard.iter().map(|s| s.idle.load(Ordering::Relaxed)).sum())
     }
 
+    /// Executions of `token` waiting for a worker, over all engine threads: a
+    /// snapshot, as each engine thread last stored its queue's length, plus
+    /// executions routed to a thread that has not taken them yet. A server can
+    /// shed load on it rather than let a backlog wait up to
+    /// `ExecuteOptions::worker_wait_timeout`.
+    pub fn queued_executions(&self, token: &CodeToken) -> Result<usize> {
+        let entry = self.token(token)?;
+        Ok(entry.per_shard.iter().map(|s| s.queued.load(Ordering::Relaxed)).sum())
+    }
+
     /// Isolation steps the sandbox reported it could not apply (also logged).
     pub fn isolation_warnings(&self) -> &[String] {
         &self.warnings

@@ -3,6 +3,7 @@
 //! the caller's own core. Before, a caller's backlog all queued on its own core's
 //! shard while the other shard offered each worker it freed to newer requests:
 //! under open-loop load at 5,000/s that left p99 at 57-200 ms (BENCHMARKS.md).
+//! `Engine::queued_executions` reads the shards' counts back.
 
 mod common;
 
@@ -66,6 +67,13 @@ fn a_backlog_queues_on_every_shard_not_on_the_callers_core() {
             QUEUED - on_0
         );
 
+        // Once both engine threads have taken them, the count is exact.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.queued_executions(&t).unwrap() != QUEUED && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(e.queued_executions(&t).unwrap(), QUEUED, "{mode:?}: executions waiting for a worker");
+
         // Each completes exactly once when cancelled.
         for x in holders.iter().chain(&queued) {
             e.cancel(x).unwrap();
@@ -75,6 +83,7 @@ fn a_backlog_queues_on_every_shard_not_on_the_callers_core() {
             assert_eq!(err.code(), Code::Cancelled, "{mode:?}: {err}");
         }
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "{mode:?}: an execution completed twice");
+        assert_eq!(e.queued_executions(&t).unwrap(), 0, "{mode:?}: nothing waits after the cancels");
         e.shutdown();
         run_on(&cores);
     }
