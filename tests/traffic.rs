@@ -90,6 +90,7 @@ fn traffic_report_and_plot() {
         "p95_us",
         "max_us",
         "burst_p50_us",
+        "peak_queued",
     ] {
         assert!(v.get(key).is_some(), "key {key} missing from {v:#}");
     }
@@ -113,6 +114,28 @@ fn traffic_report_and_plot() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") || plot.starts_with("<?xml"), "{}", &plot[..plot.len().min(200)]);
     assert!(plot.contains("<polyline"), "the plot has no data series");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One worker and bursts of 10: most of each burst waits for a worker, and the
+/// report says how many did at most.
+#[test]
+fn traffic_reports_the_backlog() {
+    let dir = temp_dir("backlog");
+    let json = dir.join("report.json");
+    let stdout = run(cli()
+        .args(["traffic", "--mode", "minimal", "--workers", "1", "--qps", "100", "--burst-size", "10", "--num-queries", "50", "--no-progress"])
+        .arg("--binary")
+        .arg(roma_byob::samples::path("hello_nolibc"))
+        .arg("--output")
+        .arg(&json));
+    let v = read_json(&json);
+    assert_eq!(v["failures"], 0, "{v:#}");
+    let peak = v["peak_queued"].as_u64().unwrap_or_else(|| panic!("peak_queued missing: {v:#}"));
+    // A burst of 10 with one worker: at most one runs, the rest wait (the count read
+    // can trail the true backlog while the engine thread takes the burst in).
+    assert!((2..=10).contains(&peak), "peak backlog {peak}: {v:#}");
+    assert!(stdout.contains(&format!("backlog: at most {peak} executions waited")), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -259,6 +259,9 @@ struct StepResult {
     successes: u64,
     failures: u64,
     late_bursts: u64,
+    /// The most executions seen waiting for a worker (`Engine::queued_executions`,
+    /// read after each burst is submitted).
+    peak_queued: u64,
     /// Whether the scheduler thread ran with SCHED_FIFO.
     realtime: bool,
     /// From the first burst's scheduled time to the last completion.
@@ -321,6 +324,7 @@ struct Shared {
     failed: AtomicU64,
     late: AtomicU64,
     bursts_sent: AtomicU64,
+    peak_queued: AtomicU64,
     scheduler_done: AtomicBool,
     realtime: AtomicBool,
 }
@@ -397,6 +401,7 @@ impl Runner<'_> {
             failed: AtomicU64::new(0),
             late: AtomicU64::new(0),
             bursts_sent: AtomicU64::new(0),
+            peak_queued: AtomicU64::new(0),
             scheduler_done: AtomicBool::new(false),
             realtime: AtomicBool::new(false),
         });
@@ -464,6 +469,7 @@ impl Runner<'_> {
             successes: submitted.saturating_sub(failures),
             failures,
             late_bursts: shared.late.load(Ordering::Acquire),
+            peak_queued: shared.peak_queued.load(Ordering::Acquire),
             realtime: shared.realtime.load(Ordering::Acquire),
             elapsed,
             response_bytes: stats.response_bytes,
@@ -518,6 +524,10 @@ impl Runner<'_> {
             }
             if Instant::now().saturating_duration_since(due) > late_threshold {
                 shared.late.fetch_add(1, Ordering::AcqRel);
+            }
+            // The backlog is at its highest right after a burst.
+            if let Ok(queued) = self.engine.queued_executions(self.token) {
+                shared.peak_queued.fetch_max(queued as u64, Ordering::AcqRel);
             }
             shared.bursts_sent.fetch_add(1, Ordering::AcqRel);
         }
@@ -756,13 +766,14 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
             && r.throughput() >= r.target_qps * a.min_throughput_pct / 100.0
             && a.max_p99.is_none_or(|m| inv.p99 <= us(m));
         println!(
-            "  step {step:>2}: {:>9.1} qps -> {:>9.1}/s  failures {:>5.1}%  late bursts {:>5.1}%  p50 {:>7} µs  p99 {:>8} µs  {}",
+            "  step {step:>2}: {:>9.1} qps -> {:>9.1}/s  failures {:>5.1}%  late bursts {:>5.1}%  p50 {:>7} µs  p99 {:>8} µs  backlog {:>6}  {}",
             qps,
             r.throughput(),
             r.failure_pct(),
             r.late_pct(),
             inv.p50,
             inv.p99,
+            r.peak_queued,
             if pass { "pass" } else { "FAIL" }
         );
         if pass {
@@ -868,6 +879,7 @@ fn print_report(h: &Header, r: &StepResult) {
         r.late_pct(),
         r.late_threshold.as_secs_f64() * 1e3
     );
+    println!("  backlog: at most {} executions waited for a worker (read after each burst)", r.peak_queued);
     if let Some(c) = r.cpu {
         println!(
             "  CPU per execution: engine threads {:.1} µs, {:.2} wake-ups (schedstat; the completion callbacks included), runner {}, workers {} (10 ms ticks)",
@@ -901,6 +913,7 @@ fn step_json(r: &StepResult) -> serde_json::Value {
         "late_bursts": r.late_bursts,
         "late_burst_pct": r.late_pct(),
         "late_threshold_us": r.late_threshold.as_secs_f64() * 1e6,
+        "peak_queued": r.peak_queued,
         "scheduler_realtime": r.realtime,
         "elapsed_s": r.elapsed.as_secs_f64(),
         "throughput_per_s": r.throughput(),
