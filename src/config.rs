@@ -110,15 +110,15 @@ pub struct Config {
     /// Only worth it when workers run on other cores than the engine threads
     /// (`runner_cores`); turns `pin_workers` off. Zero turns it off.
     pub busy_poll: Duration,
-    /// Under load, an engine thread lets completions accumulate for up to this long
-    /// before it wakes up (io_uring min_wait), so one wake-up handles a batch, at
-    /// up to this much added latency per step. Each such wait ends on a timer
-    /// interrupt, which in a VM costs about what the saved wake-ups do: measured
-    /// here, the engine threads' CPU under load is the same with it and with zero
-    /// (BENCHMARKS.md, nineteenth session). Applies only while a shard has at least
-    /// `batch_min_in_flight` executions (queued or running), so a lone request never
-    /// waits for it. Zero turns it off. Needs Linux 6.12 (ignored before, and with
-    /// SQPOLL).
+    /// With a backlog, an engine thread lets completions accumulate before it wakes
+    /// up (io_uring min_wait), so one wake-up handles a batch: 100 µs per worker
+    /// slot of the shard (all code tokens), at least 200 µs and at most this long,
+    /// added at most once per step of an execution. A backlog is at least
+    /// `batch_min_in_flight` executions on the shard (queued or running), some of
+    /// them queued for a worker: the pool is not keeping up, and each wake-up saved
+    /// leaves CPU to the workers. A lone request, or a load the pool keeps up with,
+    /// never waits for it. Zero turns it off. Needs Linux 6.12 (ignored before, and
+    /// with SQPOLL). Measurements: BENCHMARKS.md, twenty-first session.
     pub batch_wait: Duration,
     /// See `batch_wait`.
     pub batch_min_in_flight: usize,
@@ -274,7 +274,7 @@ impl Default for Config {
             runner_cores: Vec::new(),
             sqpoll_idle: None,
             busy_poll: Duration::ZERO,
-            batch_wait: Duration::from_micros(200),
+            batch_wait: Duration::from_millis(1),
             batch_min_in_flight: 8,
             batch_want: 64,
             pin_workers: true,

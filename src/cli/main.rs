@@ -53,12 +53,13 @@ pub struct EngineArgs {
     /// (Config::busy_poll; 0 = off).
     #[arg(long, default_value_t = 0)]
     busy_poll_us: u64,
-    /// Under load, engine threads let completions accumulate for up to this many µs
-    /// per wake-up (Config::batch_wait; 0 = off).
-    #[arg(long, default_value_t = 200)]
+    /// With a backlog, engine threads let completions accumulate before waking:
+    /// 100 µs per worker slot of the shard, at least 200 µs, at most this many µs
+    /// (Config::batch_wait; 0 = off).
+    #[arg(long, default_value_t = 1000)]
     batch_wait_us: u64,
-    /// Executions a shard must have (queued or running) before waits are batched
-    /// (Config::batch_min_in_flight).
+    /// Executions a shard must have (queued or running, some queued for a worker)
+    /// before waits are batched (Config::batch_min_in_flight).
     #[arg(long, default_value_t = 8)]
     batch_min_in_flight: usize,
     /// Completions that end a batched wait before --batch-wait-us has passed

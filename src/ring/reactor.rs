@@ -167,6 +167,14 @@ impl TokenState {
     }
 }
 
+/// A batched wait's length per worker slot of the shard (see `Reactor::wait`), up
+/// to `Config::batch_wait`: measured best here at 5 slots per shard (500 µs) and at
+/// 25 (1 ms); at 1 slot per shard a 500 µs wait cost a third of the throughput.
+const BATCH_WAIT_PER_SLOT: Duration = Duration::from_micros(100);
+/// The shortest batched wait: at 1 slot per shard 100 µs woke the engine thread
+/// more often than no batching did (2.6 against 1.5 wake-ups per execution).
+const BATCH_WAIT_MIN: Duration = Duration::from_micros(200);
+
 /// How long a code token's workers are not offered unconfirmed after a caller
 /// found one not started (see `TokenState::lazy_paused_until`).
 const LAZY_PAUSE: Duration = Duration::from_millis(100);
@@ -281,6 +289,8 @@ pub(super) struct Reactor {
     runner_dead: bool,
     event_buf: Box<u64>,
     tokens: IdMap<TokenState>,
+    /// Worker slots of every code token on this shard (sizes its batched waits).
+    slots: usize,
     workers: Vec<Option<WorkerConn>>,
     free: Vec<u32>,
     by_worker_id: IdMap<u32>,
@@ -391,6 +401,7 @@ impl Reactor {
             runner_dead: false,
             event_buf: Box::new(0),
             tokens: IdMap::default(),
+            slots: 0,
             workers: Vec::new(),
             free: Vec::new(),
             by_worker_id: IdMap::default(),
@@ -536,20 +547,28 @@ impl Reactor {
         self.drain_kernel(Some(Instant::now() + Duration::from_secs(1)))
     }
 
-    /// Submits and sleeps until completions arrive or the next timer is due. Under
-    /// load (`batch_min_in_flight` executions or more) the kernel holds the wake-up
-    /// until `batch_want` completions are ready or `batch_wait` has passed with at
-    /// least one (IORING_ENTER_EXT_ARG min_wait): one wake-up per batch instead of
-    /// one per completion. In this VM the timer interrupt that ends such a wait costs
-    /// about what the wake-ups it saves do (BENCHMARKS.md, nineteenth session), so
-    /// under load the engine threads' CPU comes out the same either way; the timer is
-    /// not armed off load. One execution at a time never waits for it.
+    /// Submits and sleeps until completions arrive or the next timer is due. With a
+    /// backlog (at least `batch_min_in_flight` executions on the shard, some of them
+    /// queued for a worker) the kernel holds the wake-up until `batch_want`
+    /// completions are ready or the batch wait has passed with at least one
+    /// (IORING_ENTER_EXT_ARG min_wait): one wake-up per batch instead of one per
+    /// completion. The pool is not keeping up then, and each wake-up saved is CPU
+    /// the workers get. The wait is `BATCH_WAIT_PER_SLOT` per worker slot of the
+    /// shard, from `BATCH_WAIT_MIN` up to `batch_wait`: a small pool, whose refills
+    /// a long wait holds back, waits less (BENCHMARKS.md, twenty-first session).
+    /// Without a backlog the timer is not armed, and one execution at a time never
+    /// waits for it.
     fn wait(&mut self, wake_at: Instant) -> std::io::Result<usize> {
         // Never past `wake_at`: that is what `prepare_to_sleep` promised callers.
         let t = wake_at.saturating_duration_since(Instant::now());
         let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
-        if self.batching && self.execs.len() >= self.config.batch_min_in_flight {
-            let us = self.config.batch_wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
+        let backlog = || {
+            self.execs.len() >= self.config.batch_min_in_flight && self.tokens.values().any(|t| !t.queue.is_empty())
+        };
+        if self.batching && backlog() {
+            let per_slots = BATCH_WAIT_PER_SLOT.saturating_mul(self.slots.max(1) as u32);
+            let wait = per_slots.max(BATCH_WAIT_MIN).min(self.config.batch_wait);
+            let us = wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
             return self.ring.submitter().submit_with_args(self.config.batch_want, &args);
         }

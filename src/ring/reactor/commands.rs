@@ -33,6 +33,7 @@ impl Reactor {
 
     pub(super) fn load(&mut self, entry: Arc<TokenEntry>) {
         let slots = entry.per_shard[self.config.index].slots;
+        self.slots += slots;
         let id = entry.id;
         if !self.runner_dead {
             self.send_load(&entry);
@@ -295,6 +296,7 @@ impl Reactor {
 
     pub(super) fn delete(&mut self, token: u64) {
         let Some(state) = self.tokens.remove(&token) else { return };
+        self.slots = self.slots.saturating_sub(state.slots);
         let msg = format!("code token code-{token} was deleted while the execution was pending");
         for id in state.queue {
             self.complete(id, Err(Error::Cancelled(msg.clone())));
