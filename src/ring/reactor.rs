@@ -175,6 +175,31 @@ const BATCH_WAIT_PER_SLOT: Duration = Duration::from_micros(100);
 /// more often than no batching did (2.6 against 1.5 wake-ups per execution).
 const BATCH_WAIT_MIN: Duration = Duration::from_micros(200);
 
+/// How long a batched wait lasts on a shard with `slots` worker slots, with
+/// `Config::batch_wait` as `cap` (which wins over the floor).
+fn batch_wait_for(slots: usize, cap: Duration) -> Duration {
+    let slots = u32::try_from(slots).unwrap_or(u32::MAX).max(1);
+    BATCH_WAIT_PER_SLOT.saturating_mul(slots).max(BATCH_WAIT_MIN).min(cap)
+}
+
+#[cfg(test)]
+mod batch_wait_tests {
+    use super::*;
+
+    #[test]
+    fn a_batched_wait_grows_with_the_pool_between_the_floor_and_the_cap() {
+        let ms = Duration::from_millis(1);
+        let us = Duration::from_micros;
+        assert_eq!(batch_wait_for(0, ms), us(200), "no slots yet: the floor");
+        assert_eq!(batch_wait_for(1, ms), us(200), "1 slot: the floor");
+        assert_eq!(batch_wait_for(5, ms), us(500));
+        assert_eq!(batch_wait_for(10, ms), ms);
+        assert_eq!(batch_wait_for(50, ms), ms, "capped by Config::batch_wait");
+        assert_eq!(batch_wait_for(5, us(100)), us(100), "a cap below the floor wins");
+        assert_eq!(batch_wait_for(usize::MAX, Duration::MAX), BATCH_WAIT_PER_SLOT.saturating_mul(u32::MAX));
+    }
+}
+
 /// How long a code token's workers are not offered unconfirmed after a caller
 /// found one not started (see `TokenState::lazy_paused_until`).
 const LAZY_PAUSE: Duration = Duration::from_millis(100);
@@ -566,8 +591,7 @@ impl Reactor {
             self.execs.len() >= self.config.batch_min_in_flight && self.tokens.values().any(|t| !t.queue.is_empty())
         };
         if self.batching && backlog() {
-            let per_slots = BATCH_WAIT_PER_SLOT.saturating_mul(self.slots.max(1) as u32);
-            let wait = per_slots.max(BATCH_WAIT_MIN).min(self.config.batch_wait);
+            let wait = batch_wait_for(self.slots, self.config.batch_wait);
             let us = wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
             return self.ring.submitter().submit_with_args(self.config.batch_want, &args);
