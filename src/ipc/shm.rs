@@ -54,8 +54,16 @@ pub const PREPARED_AT: usize = 24;
 /// them first and without a page fault per 4 KiB.
 const SYSCALL_COPY_THRESHOLD: usize = 256 * 1024;
 const PAGE: usize = 4096;
-/// Wiped regions kept ready per region size (beyond the ones workers hold).
+/// Wiped regions kept ready per region size (beyond the ones workers hold), at
+/// first.
 const MAX_SPARES: usize = 4;
+/// The most wiped regions kept per size: each time a worker of that size gets a
+/// fresh region because the ones given back are still being wiped, one more
+/// spare is kept, up to this. A fresh region makes its first large request
+/// several times slower (its pages are allocated then), and with 4 spares
+/// back-to-back 50 MiB requests kept outrunning the cleaner, which freed regions
+/// once it had caught up: 9 fresh regions after the first 10 in 100 requests.
+const MAX_SPARES_GROWN: usize = 12;
 /// Writes at least this large go straight from the message into the region; smaller
 /// ones (tags, lengths, short fields) are gathered first.
 const DIRECT_WRITE: usize = 512;
@@ -607,6 +615,8 @@ struct PoolState {
     dirty_costly: VecDeque<(Region, usize)>,
     /// Per region size: recent high-water mark of the bytes executions used.
     hints: HashMap<usize, usize>,
+    /// Per region size: wiped regions kept (`MAX_SPARES`, raised by shortages).
+    spare_caps: HashMap<usize, usize>,
     stopped: bool,
 }
 
@@ -625,7 +635,7 @@ impl ShmPool {
     /// A region of `size` bytes for a new worker: a wiped one if there is one, else a
     /// fresh one.
     pub fn take(&self, size: usize) -> io::Result<Arc<WorkerRegion>> {
-        let reused = self.shared.lock().clean.get_mut(&size).and_then(VecDeque::pop_front);
+        let reused = self.shared.lock().take_clean(size);
         let region = match reused {
             Some(r) => r,
             None => Region::create(size)?,
@@ -668,6 +678,30 @@ impl ShmPool {
 impl Drop for ShmPool {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+impl PoolState {
+    /// A wiped region of `size` bytes, if there is one. If there is none while
+    /// regions of that size wait to be wiped (the cleaner lags behind the
+    /// workers), one more wiped region of that size is kept from now on.
+    fn take_clean(&mut self, size: usize) -> Option<Region> {
+        let reused = self.clean.get_mut(&size).and_then(VecDeque::pop_front);
+        if reused.is_none() && self.dirty.iter().chain(&self.dirty_costly).any(|(r, _)| r.len() == size) {
+            let cap = self.spare_caps.entry(size).or_insert(MAX_SPARES);
+            *cap = (*cap + 1).min(MAX_SPARES_GROWN);
+        }
+        reused
+    }
+
+    /// Keeps a just-wiped region as a spare, unless its size has all the spares
+    /// it keeps (then it is freed).
+    fn keep_wiped(&mut self, region: Region) {
+        let cap = self.spare_caps.get(&region.len()).copied().unwrap_or(MAX_SPARES);
+        let spares = self.clean.entry(region.len()).or_default();
+        if spares.len() < cap {
+            spares.push_back(region);
+        }
     }
 }
 
@@ -751,10 +785,7 @@ impl PoolShared {
             if s.stopped {
                 return;
             }
-            let spares = s.clean.entry(region.len()).or_default();
-            if spares.len() < MAX_SPARES {
-                spares.push_back(region);
-            }
+            s.keep_wiped(region);
         }
     }
 }
@@ -902,6 +933,38 @@ mod tests {
         next.mark_reaped();
         drop(next);
         assert_eq!(pool.spares(), 0, "after shutdown regions are freed");
+    }
+
+    #[test]
+    fn a_cleaner_that_lags_behind_the_workers_gets_more_spares() {
+        let size = 1 << 16;
+        let mut s = PoolState::default();
+        let spares = |s: &PoolState| s.clean.get(&size).map_or(0, VecDeque::len);
+        // No region waits to be wiped: a fresh one is simply the pool growing.
+        assert!(s.take_clean(size).is_none());
+        for _ in 0..MAX_SPARES + 2 {
+            s.keep_wiped(Region::create(size).unwrap());
+        }
+        assert_eq!(spares(&s), MAX_SPARES, "beyond the cap a wiped region is freed");
+        // Every spare taken while one waits to be wiped: a shortage per take.
+        s.dirty.push_back((Region::create(size).unwrap(), 0));
+        for _ in 0..MAX_SPARES {
+            assert!(s.take_clean(size).is_some());
+        }
+        assert!(s.take_clean(size).is_none());
+        assert!(s.take_clean(size).is_none());
+        assert!(s.take_clean(size * 2).is_none(), "another size's shortage is its own");
+        for _ in 0..MAX_SPARES + 4 {
+            s.keep_wiped(Region::create(size).unwrap());
+        }
+        assert_eq!(spares(&s), MAX_SPARES + 2, "two shortages: two more spares kept");
+        for _ in 0..2 * MAX_SPARES_GROWN {
+            s.take_clean(size);
+        }
+        for _ in 0..2 * MAX_SPARES_GROWN {
+            s.keep_wiped(Region::create(size).unwrap());
+        }
+        assert_eq!(spares(&s), MAX_SPARES_GROWN, "never more than MAX_SPARES_GROWN");
     }
 
     #[test]
