@@ -123,12 +123,11 @@ pub struct Config {
     /// See `batch_wait`.
     pub batch_min_in_flight: usize,
     /// A batched wait (see `batch_wait`) ends early once this many completions are
-    /// ready. The default, 64, is more than a shard collects in 200 µs here, so the
-    /// wait runs its full length. A small value (e.g. 4, with `batch_min_in_flight`
-    /// 2 and `batch_wait` 300 µs) wakes once per few completions on every loaded
-    /// shard; it costs latency at medium load, and its throughput gain is gone
-    /// since the runner batches exit reports (BENCHMARKS.md, eighth session).
-    /// Values below 1 count as 1.
+    /// ready. The default, 64, is more than a shard collects in 1 ms here, so the
+    /// wait runs its full length. Ending it early loses most of what it saves: with
+    /// 10 workers and 500 µs waits, 3 gave 0.88 wake-ups and 48-51 µs of engine CPU
+    /// per execution against 0.46 and 28-29 µs with 64 (BENCHMARKS.md,
+    /// twenty-first session). Values below 1 count as 1.
     pub batch_want: usize,
     /// `minimal` mode with `runner_cores` empty: the runner thread serving an
     /// engine thread, and the workers it starts, run on that engine thread's core,
