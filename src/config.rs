@@ -113,7 +113,8 @@ pub struct Config {
     /// With a backlog, an engine thread lets completions accumulate before it wakes
     /// up (io_uring min_wait), so one wake-up handles a batch: 100 µs per worker
     /// slot of the shard (all code tokens), at least 200 µs and at most this long,
-    /// added at most once per step of an execution. A backlog is at least
+    /// and never past the shard's next timer (timeouts fire on time), added at
+    /// most once per step of an execution. A backlog is at least
     /// `batch_min_in_flight` executions on the shard (queued or running), some of
     /// them queued for a worker: the pool is not keeping up, and each wake-up saved
     /// leaves CPU to the workers. A lone request, or a load the pool keeps up with,

@@ -590,9 +590,12 @@ impl Reactor {
         let backlog = || {
             self.execs.len() >= self.config.batch_min_in_flight && self.tokens.values().any(|t| !t.queue.is_empty())
         };
-        if self.batching && backlog() {
-            let wait = batch_wait_for(self.slots, self.config.batch_wait);
-            let us = wait.as_micros().clamp(1, u128::from(u32::MAX)) as u32;
+        // The kernel ends a min_wait no earlier than its length even when the
+        // timeout is nearer, so the batch ends by the next timer: a timer due within
+        // the wait fires on time.
+        let wait = batch_wait_for(self.slots, self.config.batch_wait).min(t);
+        if self.batching && wait >= Duration::from_micros(1) && backlog() {
+            let us = wait.as_micros().min(u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
             return self.ring.submitter().submit_with_args(self.config.batch_want, &args);
         }
