@@ -152,6 +152,9 @@ struct TokenState {
     live: usize,
     idle: VecDeque<u32>,
     queue: VecDeque<u64>,
+    /// The queue's length as last noted (`note_queue`), counted in
+    /// `Reactor::queued`.
+    noted: usize,
     failures: u32,
     respawn_at: Option<Instant>,
     /// Workers are not offered before their ready byte until then: a caller
@@ -161,9 +164,13 @@ struct TokenState {
 }
 
 impl TokenState {
-    /// Publishes the queue's length for callers' routing (`ShardSlots::queued`).
-    fn note_queue(&self, index: usize) {
-        self.entry.per_shard[index].queued.store(self.queue.len(), Ordering::Relaxed);
+    /// Called after every change to the queue: publishes its length for callers'
+    /// routing (`ShardSlots::queued`) and keeps `queued`, the shard's total, in step.
+    fn note_queue(&mut self, index: usize, queued: &mut usize) {
+        let len = self.queue.len();
+        *queued = (*queued + len).saturating_sub(self.noted);
+        self.noted = len;
+        self.entry.per_shard[index].queued.store(len, Ordering::Relaxed);
     }
 }
 
@@ -316,6 +323,8 @@ pub(super) struct Reactor {
     tokens: IdMap<TokenState>,
     /// Worker slots of every code token on this shard (sizes its batched waits).
     slots: usize,
+    /// Executions queued for a worker, over every code token on this shard.
+    queued: usize,
     workers: Vec<Option<WorkerConn>>,
     free: Vec<u32>,
     by_worker_id: IdMap<u32>,
@@ -427,6 +436,7 @@ impl Reactor {
             event_buf: Box::new(0),
             tokens: IdMap::default(),
             slots: 0,
+            queued: 0,
             workers: Vec::new(),
             free: Vec::new(),
             by_worker_id: IdMap::default(),
@@ -587,14 +597,13 @@ impl Reactor {
         // Never past `wake_at`: that is what `prepare_to_sleep` promised callers.
         let t = wake_at.saturating_duration_since(Instant::now());
         let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
-        let backlog = || {
-            self.execs.len() >= self.config.batch_min_in_flight && self.tokens.values().any(|t| !t.queue.is_empty())
-        };
+        debug_assert_eq!(self.queued, self.tokens.values().map(|t| t.queue.len()).sum::<usize>(), "the shard's queued count");
+        let backlog = self.execs.len() >= self.config.batch_min_in_flight && self.queued > 0;
         // The kernel ends a min_wait no earlier than its length even when the
         // timeout is nearer, so the batch ends by the next timer: a timer due within
         // the wait fires on time.
         let wait = batch_wait_for(self.slots, self.config.batch_wait).min(t);
-        if self.batching && wait >= Duration::from_micros(1) && backlog() {
+        if self.batching && wait >= Duration::from_micros(1) && backlog {
             let us = wait.as_micros().min(u128::from(u32::MAX)) as u32;
             let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(us);
             return self.ring.submitter().submit_with_args(self.config.batch_want, &args);

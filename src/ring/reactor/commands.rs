@@ -46,6 +46,7 @@ impl Reactor {
                 live: 0,
                 idle: VecDeque::new(),
                 queue: VecDeque::new(),
+                noted: 0,
                 failures: 0,
                 respawn_at: None,
                 lazy_paused_until: None,
@@ -215,7 +216,7 @@ impl Reactor {
                 t.queue.push_back(id);
             }
             // Also when a worker took it: the caller counted it as queued.
-            t.note_queue(self.config.index);
+            t.note_queue(self.config.index, &mut self.queued);
         }
         match key {
             Some(key) => self.dispatch(id, key),
@@ -286,7 +287,7 @@ impl Reactor {
             None => {
                 if let Some(t) = self.tokens.get_mut(&token) {
                     t.queue.retain(|e| *e != id);
-                    t.note_queue(self.config.index);
+                    t.note_queue(self.config.index, &mut self.queued);
                 }
             }
             Some(key) => self.kill_worker(key),
@@ -297,6 +298,7 @@ impl Reactor {
     pub(super) fn delete(&mut self, token: u64) {
         let Some(state) = self.tokens.remove(&token) else { return };
         self.slots = self.slots.saturating_sub(state.slots);
+        self.queued = self.queued.saturating_sub(state.noted);
         let msg = format!("code token code-{token} was deleted while the execution was pending");
         for id in state.queue {
             self.complete(id, Err(Error::Cancelled(msg.clone())));

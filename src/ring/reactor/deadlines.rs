@@ -16,7 +16,7 @@ impl Reactor {
                     let (token, waited) = (e.token, now.duration_since(e.submitted));
                     if let Some(t) = self.tokens.get_mut(&token) {
                         t.queue.retain(|x| *x != id);
-                        t.note_queue(self.config.index);
+                        t.note_queue(self.config.index, &mut self.queued);
                     }
                     self.complete(
                         id,

@@ -70,7 +70,7 @@ impl Reactor {
             self.timers.push(wait_until, wait_until - now, Timer::WorkerWait(id));
             if let Some(t) = self.tokens.get_mut(&token) {
                 t.queue.push_front(id);
-                t.note_queue(self.config.index);
+                t.note_queue(self.config.index, &mut self.queued);
             }
         }
     }
@@ -87,7 +87,7 @@ impl Reactor {
         }
         for t in self.tokens.values_mut() {
             t.queue.clear();
-            t.note_queue(self.config.index);
+            t.note_queue(self.config.index, &mut self.queued);
             t.idle.clear();
             t.entry.per_shard[self.config.index].idle.store(0, Ordering::Relaxed);
             t.entry.per_shard[self.config.index].ready.clear();

@@ -137,7 +137,7 @@ impl Reactor {
             let index = self.config.index;
             self.tokens.get_mut(&token).and_then(|t| {
                 let id = t.queue.pop_front();
-                t.note_queue(index);
+                t.note_queue(index, &mut self.queued);
                 id
             })
         };
@@ -505,7 +505,7 @@ impl Reactor {
         let index = self.config.index;
         let victim = self.tokens.get_mut(&token).and_then(|t| {
             let id = t.queue.pop_front();
-            t.note_queue(index);
+            t.note_queue(index, &mut self.queued);
             id
         });
         if let Some(id) = victim {
