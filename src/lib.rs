@@ -59,6 +59,20 @@ pub mod samples {
         dir().join(name)
     }
 
+    /// A binary named on a command line: `arg` itself if it exists or has a
+    /// directory part, else the sample UDF of that name if there is one (so
+    /// `--binary hello_nolibc` works from anywhere), else `arg` (whose load then
+    /// reports it missing).
+    pub fn resolve(arg: &std::path::Path) -> PathBuf {
+        if !arg.exists() && arg.components().count() == 1 {
+            let sample = path(&arg.to_string_lossy());
+            if sample.is_file() {
+                return sample;
+            }
+        }
+        arg.to_path_buf()
+    }
+
     /// The answer `sort_list` must give (its reference implementation, for tests
     /// and benchmarks that check it).
     pub fn sort_list_reference(req: &crate::proto::sample::SortListRequest) -> crate::proto::sample::SortListResponse {

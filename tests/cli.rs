@@ -112,3 +112,34 @@ fn demo_runs_real_executions_and_says_which_mode() {
     assert!(text.contains("executions/s (0 failed)"), "{text}");
     assert!(text.contains("\"Hello, world!\""), "{text}");
 }
+
+#[test]
+fn a_sample_udf_can_be_named_instead_of_its_path() {
+    // From a directory without such a file, a bare name is the sample of that name.
+    let dir = std::env::temp_dir().join(format!("roma-cli-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = cli();
+    cmd.current_dir(&dir).args(["exec", "--mode", "minimal", "--binary", "hello_world"]);
+    let out = run_with_stdin(cmd, b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"\x0a\x0dHello, world!");
+
+    let out = cli()
+        .current_dir(&dir)
+        .args(["demo", "--mode", "minimal", "--binary", "hello_nolibc", "--workers", "2"])
+        .args(["--sequential", "10", "--executions", "20"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let resolved = sample("hello_nolibc");
+    assert!(text.contains(&format!("binary: {}", resolved.display())), "{text}");
+
+    // A name that is neither a file nor a sample is reported missing, as a path is.
+    let mut cmd = cli();
+    cmd.current_dir(&dir).args(["exec", "--mode", "minimal", "--binary", "no_such_sample"]);
+    let out = run_with_stdin(cmd, b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_sample does not exist"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -188,4 +188,18 @@ fn traffic_rejects_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains(".svg or .png"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli().args(["traffic", "--mode", "minimal", "--duration", "5 parsecs"]).output().unwrap();
     assert!(!out.status.success());
+    // Each refused before any engine starts, with the flag named.
+    for (flag, value, says) in [
+        ("--qps", "0", "--qps must be a positive number"),
+        ("--burst-size", "0", "--burst-size must be at least 1"),
+        ("--late-threshold-pct", "150", "--late-threshold-pct must be above 0 and at most 100"),
+        ("--late-threshold-pct", "0", "--late-threshold-pct must be above 0 and at most 100"),
+        ("--min-throughput-pct", "101", "--min-throughput-pct must be from 0 to 100"),
+        ("--max-steps", "0", "--max-steps must be at least 1"),
+    ] {
+        let out = cli().args(["traffic", "--mode", "minimal", "--find-max-qps", flag, value]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+    }
 }

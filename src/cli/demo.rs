@@ -16,7 +16,8 @@ use crate::EngineArgs;
 pub struct DemoArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// UDF to run (default: the sample hello_world, C, dynamically linked).
+    /// UDF to run: a path, or the name of a sample UDF such as hello_nolibc (default:
+    /// the sample hello_world, C, dynamically linked).
     #[arg(long)]
     binary: Option<PathBuf>,
     /// Workers for the measured code token.
@@ -66,7 +67,7 @@ type LoadResult = Result<(Duration, bool), String>;
 
 pub fn run(a: DemoArgs) -> Result<(), String> {
     let (mode, why) = a.engine.resolve_mode()?;
-    let binary = a.binary.clone().unwrap_or_else(|| roma_byob::samples::path("hello_world"));
+    let binary = a.binary.as_deref().map_or_else(|| roma_byob::samples::path("hello_world"), roma_byob::samples::resolve);
     println!("roma-byob demo");
     println!("  mode: {} ({why})", mode.as_str());
     println!("  syscall filter: {}", a.engine.filter);

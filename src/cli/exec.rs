@@ -14,7 +14,8 @@ use crate::EngineArgs;
 pub struct ExecArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// The UDF binary (an ELF executable speaking the Roma BYOB protocol).
+    /// The UDF binary (an ELF executable speaking the Roma BYOB protocol): a path, or
+    /// the name of a sample UDF such as hello_nolibc.
     #[arg(long)]
     binary: PathBuf,
     /// Pre-started workers.
@@ -62,7 +63,7 @@ pub fn run(a: ExecArgs) -> Result<(), String> {
     };
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| e.to_string())?;
     let token = engine
-        .load(&a.binary, LoadOptions { workers: a.workers, log_egress: a.log, zygote: a.zygote, ..Default::default() })
+        .load(roma_byob::samples::resolve(&a.binary), LoadOptions { workers: a.workers, log_egress: a.log, zygote: a.zygote, ..Default::default() })
         .map_err(|e| e.to_string())?;
     let opts = ExecuteOptions { timeout: Duration::from_millis(a.timeout_ms), ..Default::default() };
     let done = engine.execute_raw(&token, &request, opts).map_err(|e| e.to_string())?.wait().map_err(|e| e.to_string())?;

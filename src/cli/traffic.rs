@@ -630,6 +630,16 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
     if a.duration.is_some_and(|d| d.is_zero()) {
         return Err("--duration must be positive".into());
     }
+    // Percentages outside these ranges would let every step pass or none.
+    if !(a.late_threshold_pct > 0.0 && a.late_threshold_pct <= 100.0) {
+        return Err(format!("--late-threshold-pct must be above 0 and at most 100, not {}", a.late_threshold_pct));
+    }
+    if !(a.min_throughput_pct >= 0.0 && a.min_throughput_pct <= 100.0) {
+        return Err(format!("--min-throughput-pct must be from 0 to 100, not {}", a.min_throughput_pct));
+    }
+    if a.max_steps == 0 {
+        return Err("--max-steps must be at least 1".into());
+    }
     // Checked before any traffic runs; the format is used at the end.
     let plot = a.plot.as_deref().map(|p| check_plot_path(p).map(|format| (p, format))).transpose()?;
     let (mode, why) = a.engine.resolve_mode()?;
@@ -757,7 +767,7 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
     let mut best: Option<usize> = None;
     let mut lowest_fail: Option<f64> = None;
     let mut qps = a.qps;
-    for step in 1..=a.max_steps.max(1) {
+    for step in 1..=a.max_steps {
         let label = format!("step {step} ({qps:.0} qps) ");
         let r = runner.run(qps, limit, &label)?;
         let inv = Summary::of(&r.invocations);
@@ -809,15 +819,7 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
 /// The UDF to run: `--binary` as given when it is a file or has a directory part,
 /// else the sample UDF of that name when one exists.
 fn resolve_binary(arg: Option<&Path>) -> PathBuf {
-    let Some(p) = arg else { return roma_byob::samples::path("hello_world") };
-    let bare = p.components().count() == 1;
-    if !p.exists() && bare {
-        let sample = roma_byob::samples::path(&p.to_string_lossy());
-        if sample.is_file() {
-            return sample;
-        }
-    }
-    p.to_path_buf()
+    arg.map_or_else(|| roma_byob::samples::path("hello_world"), roma_byob::samples::resolve)
 }
 
 fn build_request(a: &TrafficArgs) -> Result<Vec<u8>, String> {
