@@ -210,8 +210,9 @@ impl Engine {
     }
 
     /// Executions of `token` waiting for a worker, over all engine threads: a
-    /// snapshot, as each engine thread last stored its queue's length, plus
-    /// executions routed to a thread that has not taken them yet. A server can
+    /// snapshot, as each engine thread last stored its queue's length, plus most
+    /// executions routed to a thread that has not taken them yet (an engine thread
+    /// storing its length may hide those for a moment). A server can
     /// shed load on it rather than let a backlog wait up to
     /// `ExecuteOptions::worker_wait_timeout`.
     pub fn queued_executions(&self, token: &CodeToken) -> Result<usize> {

@@ -67,7 +67,7 @@ type LoadResult = Result<(Duration, bool), String>;
 
 pub fn run(a: DemoArgs) -> Result<(), String> {
     let (mode, why) = a.engine.resolve_mode()?;
-    let binary = a.binary.as_deref().map_or_else(|| roma_byob::samples::path("hello_world"), roma_byob::samples::resolve);
+    let binary = crate::binary_arg(a.binary.as_deref());
     println!("roma-byob demo");
     println!("  mode: {} ({why})", mode.as_str());
     println!("  syscall filter: {}", a.engine.filter);

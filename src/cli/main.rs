@@ -153,6 +153,12 @@ impl EngineArgs {
     }
 }
 
+/// The UDF a `--binary` option names (a path or a sample's name, see
+/// `roma_byob::samples::resolve`); without one, the sample hello_world.
+fn binary_arg(arg: Option<&std::path::Path>) -> PathBuf {
+    arg.map_or_else(|| roma_byob::samples::path("hello_world"), roma_byob::samples::resolve)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -643,7 +643,7 @@ pub fn run(a: TrafficArgs) -> Result<(), String> {
     // Checked before any traffic runs; the format is used at the end.
     let plot = a.plot.as_deref().map(|p| check_plot_path(p).map(|format| (p, format))).transpose()?;
     let (mode, why) = a.engine.resolve_mode()?;
-    let binary = resolve_binary(a.binary.as_deref());
+    let binary = crate::binary_arg(a.binary.as_deref());
     let request = build_request(&a)?;
 
     let engine = Engine::new(a.engine.config(mode)?).map_err(|e| format!("cannot start the engine: {e}"))?;
@@ -814,12 +814,6 @@ fn find_max(runner: &Runner<'_>, a: &TrafficArgs, mode: Mode) -> Result<Search, 
         settle(mode, a.workers);
     }
     Ok(Search { steps, best, bounded: lowest_fail.is_some() })
-}
-
-/// The UDF to run: `--binary` as given when it is a file or has a directory part,
-/// else the sample UDF of that name when one exists.
-fn resolve_binary(arg: Option<&Path>) -> PathBuf {
-    arg.map_or_else(|| roma_byob::samples::path("hello_world"), roma_byob::samples::resolve)
 }
 
 fn build_request(a: &TrafficArgs) -> Result<Vec<u8>, String> {

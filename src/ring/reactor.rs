@@ -172,6 +172,19 @@ impl TokenState {
         self.noted = len;
         self.entry.per_shard[index].queued.store(len, Ordering::Relaxed);
     }
+
+    /// Takes the oldest queued execution, if there is one, and notes the change.
+    fn pop_queued(&mut self, index: usize, queued: &mut usize) -> Option<u64> {
+        let id = self.queue.pop_front()?;
+        self.note_queue(index, queued);
+        Some(id)
+    }
+
+    /// Takes execution `id` out of the queue and notes the change.
+    fn unqueue(&mut self, id: u64, index: usize, queued: &mut usize) {
+        self.queue.retain(|e| *e != id);
+        self.note_queue(index, queued);
+    }
 }
 
 /// A batched wait's length per worker slot of the shard (see `Reactor::wait`), up

@@ -286,8 +286,7 @@ impl Reactor {
         match worker {
             None => {
                 if let Some(t) = self.tokens.get_mut(&token) {
-                    t.queue.retain(|e| *e != id);
-                    t.note_queue(self.config.index, &mut self.queued);
+                    t.unqueue(id, self.config.index, &mut self.queued);
                 }
             }
             Some(key) => self.kill_worker(key),

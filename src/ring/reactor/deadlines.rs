@@ -15,8 +15,7 @@ impl Reactor {
                     }
                     let (token, waited) = (e.token, now.duration_since(e.submitted));
                     if let Some(t) = self.tokens.get_mut(&token) {
-                        t.queue.retain(|x| *x != id);
-                        t.note_queue(self.config.index, &mut self.queued);
+                        t.unqueue(id, self.config.index, &mut self.queued);
                     }
                     self.complete(
                         id,

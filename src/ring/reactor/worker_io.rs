@@ -122,8 +122,7 @@ impl Reactor {
         let arm = !t.entry.direct || in_flight;
         t.failures = 0;
         t.respawn_at = None;
-        if let Some(exec_id) = t.queue.pop_front() {
-            t.note_queue(self.config.index, &mut self.queued);
+        if let Some(exec_id) = t.pop_queued(self.config.index, &mut self.queued) {
             self.post_worker_recv(key, RECV_CHUNK, true);
             self.dispatch(exec_id, key);
             return;

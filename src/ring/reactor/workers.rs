@@ -135,11 +135,7 @@ impl Reactor {
             None
         } else {
             let index = self.config.index;
-            self.tokens.get_mut(&token).and_then(|t| {
-                let id = t.queue.pop_front();
-                t.note_queue(index, &mut self.queued);
-                id
-            })
+            self.tokens.get_mut(&token).and_then(|t| t.pop_queued(index, &mut self.queued))
         };
         if lazy {
             self.offer_unconfirmed(key);
@@ -503,11 +499,7 @@ impl Reactor {
     pub(super) fn note_failure(&mut self, token: u64, why: &str) {
         self.back_off(token);
         let index = self.config.index;
-        let victim = self.tokens.get_mut(&token).and_then(|t| {
-            let id = t.queue.pop_front();
-            t.note_queue(index, &mut self.queued);
-            id
-        });
+        let victim = self.tokens.get_mut(&token).and_then(|t| t.pop_queued(index, &mut self.queued));
         if let Some(id) = victim {
             self.complete(id, Err(Error::Unavailable(why.to_string())));
         }
